@@ -1,0 +1,21 @@
+"""frankenllama: run a GGUF model with its decoder blocks in any order, in llama.cpp.
+
+Import frankenllama before llama_cpp: importing it makes llama_cpp load frankenllama's patched
+llama.cpp library (and checks that it did).
+
+    from frankenllama import Llama
+    llm = Llama("model.gguf", layer_order="0-15,8-23,16-31")
+"""
+from __future__ import annotations
+
+from . import _native
+
+_native.bind()
+
+from ._native import LAYER_ORDER_VERSION, LLAMA_CPP_COMMIT, native_library_path  # noqa: E402
+from .llama import Llama  # noqa: E402
+
+__version__ = "0.1.0"
+__llama_cpp_commit__ = LLAMA_CPP_COMMIT
+
+__all__ = ["Llama", "native_library_path", "LAYER_ORDER_VERSION", "__version__", "__llama_cpp_commit__"]

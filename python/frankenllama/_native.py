@@ -1,0 +1,134 @@
+"""Load frankenllama's patched llama.cpp library into ``llama_cpp`` and bind the functions the patch adds.
+
+``llama_cpp`` loads its native library once, at import time, from the folder named by
+``LLAMA_CPP_LIB_PATH``.  :func:`bind` points that variable at the libraries packaged in
+``frankenllama/lib`` before importing ``llama_cpp``, then checks that the loaded library really
+is the patched one: a stock library silently ignores the ``<arch>.layer_order`` override.
+
+The few C functions the patch adds are bound with cffi (ABI mode) on the same library file;
+everything else goes through ``llama_cpp``.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import cffi
+
+#: upstream llama.cpp commit of the pinned source (vendored by llama-cpp-python 0.3.36)
+LLAMA_CPP_COMMIT = "0c1e57098"
+#: LLAMA_LAYER_ORDER_VERSION this package expects from the library
+LAYER_ORDER_VERSION = "1"
+
+_LIB_DIR_ENV = "FRANKENLLAMA_LIB_DIR"  # use another build of the patched library (development)
+
+_CDEF = """
+struct llama_model;
+int32_t      llama_model_n_layer(const struct llama_model * model);
+int32_t      llama_model_n_layer_weights(const struct llama_model * model);
+int32_t      llama_model_get_layer_order(const struct llama_model * model, int32_t * order, int32_t n_order_max);
+int32_t      llama_model_set_layer_order(struct llama_model * model, const int32_t * order, int32_t n_order);
+bool         llama_model_layer_is_loaded(const struct llama_model * model, int32_t il);
+const char * llama_model_dev_layer_name(const struct llama_model * model, int32_t il);
+int32_t      llama_layer_order_parse(const char * spec, int32_t n_layer, int32_t * order, int32_t n_order_max,
+                                     char * err, size_t err_size);
+const char * llama_layer_order_version(void);
+"""
+
+
+def native_library_dir() -> Path:
+    """The folder holding frankenllama's libllama and ggml libraries."""
+    override = os.environ.get(_LIB_DIR_ENV)
+    return Path(override).resolve() if override else Path(__file__).resolve().parent / "lib"
+
+
+def native_library_path() -> Path:
+    """Path of the patched libllama that ``llama_cpp`` uses."""
+    names = {"win32": "llama.dll", "darwin": "libllama.dylib"}
+    return native_library_dir() / names.get(sys.platform, "libllama.so")
+
+
+def _loaded_library_path(llama_cpp_module: Any) -> str:
+    return str(getattr(llama_cpp_module._lib, "_name", "?"))
+
+
+def bind() -> None:
+    """Make ``llama_cpp`` use the patched library and check that it does.
+
+    Raises ImportError when ``llama_cpp`` was already imported with another library, when the
+    packaged library is missing, or when the loaded library lacks the layer-order patch.
+    """
+    lib_dir = native_library_dir()
+    already = sys.modules.get("llama_cpp.llama_cpp")
+    if already is not None:
+        loaded = Path(_loaded_library_path(already)).resolve()
+        if loaded.parent != lib_dir:
+            raise ImportError(
+                f"llama_cpp was imported before frankenllama and loaded {loaded}. "
+                "Import frankenllama before llama_cpp (or start Python with "
+                f"LLAMA_CPP_LIB_PATH={lib_dir}), so that llama_cpp loads the patched library."
+            )
+    else:
+        if not native_library_path().is_file():
+            raise ImportError(
+                f"frankenllama's native library is missing ({native_library_path()}); "
+                "reinstall frankenllama with `pip install .` from its source folder."
+            )
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
+    import llama_cpp.llama_cpp as llama_cpp_module
+
+    check_patched(llama_cpp_module._lib, _loaded_library_path(llama_cpp_module))
+
+
+def check_patched(lib: ctypes.CDLL, name: str) -> None:
+    """Raise ImportError unless ``lib`` is a library with the matching layer-order patch."""
+    try:
+        version_fn = lib.llama_layer_order_version
+    except AttributeError:
+        raise ImportError(
+            f"the llama.cpp library {name} is not frankenllama's patched build (it has no "
+            "llama_layer_order_version); a stock library would silently ignore layer orders. "
+            "Unset LLAMA_CPP_LIB_PATH/FRANKENLLAMA_LIB_DIR or reinstall frankenllama."
+        ) from None
+    version_fn.restype = ctypes.c_char_p
+    version = version_fn().decode()
+    if version != LAYER_ORDER_VERSION:
+        raise ImportError(
+            f"the llama.cpp library {name} has layer-order patch version {version}, "
+            f"this frankenllama needs {LAYER_ORDER_VERSION}: reinstall frankenllama."
+        )
+
+
+@lru_cache(maxsize=None)
+def ffi_lib() -> tuple[cffi.FFI, Any]:
+    """The cffi handle on the patched library (the same file ``llama_cpp`` loaded)."""
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    import llama_cpp.llama_cpp as llama_cpp_module
+
+    return ffi, ffi.dlopen(_loaded_library_path(llama_cpp_module))
+
+
+def model_ptr(model: Any) -> Any:
+    """cffi pointer of a llama_cpp model handle (``llama_cpp._internals.LlamaModel`` or a raw pointer)."""
+    ffi, _ = ffi_lib()
+    raw = getattr(model, "model", model)
+    address = raw.value if isinstance(raw, ctypes.c_void_p) else ctypes.cast(raw, ctypes.c_void_p).value
+    if not address:
+        raise ValueError("the model is not loaded (null model pointer)")
+    return ffi.cast("struct llama_model *", address)
+
+
+def parse_spec_native(spec: str, n_layers: int) -> list[int]:
+    """Parse a layer-order spec with the C parser the loader uses; ValueError with its message."""
+    ffi, lib = ffi_lib()
+    order = ffi.new("int32_t[]", 512)
+    err = ffi.new("char[]", 512)
+    n = lib.llama_layer_order_parse(spec.encode(), n_layers, order, 512, err, 512)
+    if n < 0:
+        raise ValueError(ffi.string(err).decode())
+    return list(order[0:n])

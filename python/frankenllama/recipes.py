@@ -1,0 +1,707 @@
+"""Turn every frankenmerge recipe syntax into a layer order (a list of weight indices).
+
+Accepted recipe syntaxes (:func:`resolve` dispatches on the type of its argument):
+
+* a list/tuple of ints -- the order itself: ``[0, 1, 2, 1, 2, 3]``;
+* a spec string in the frankenllama grammar (:mod:`frankenllama.order`):
+  ``"0-15,8-23,16-31"`` (``a-b`` inclusive);
+* an exllamav3-style string of inclusive ``a..b`` ranges: ``"0..15,8..23"``
+  (single indices allowed, ``a..b`` with ``a > b`` counts down, ``-`` ranges and
+  ``..`` ranges cannot be mixed in one string);
+* a list of exllamav2-style half-open ``(start, end)`` pairs: ``[(0, 20), (10, 30)]``
+  runs ``range(0, 20)`` then ``range(10, 30)``;
+* a path (``str`` or :class:`~pathlib.Path`) to a mergekit passthrough ``.yaml``/
+  ``.yml`` file (:func:`from_mergekit_yaml`) or a Llama Blocks block file ``.txt``/
+  ``.blocks`` (:func:`from_block_file`);
+* an already-loaded mergekit config (a mapping).
+
+Llama Blocks block file format (accepted by :func:`from_block_file`)
+---------------------------------------------------------------------
+
+Line oriented; ``#`` starts a comment that runs to the end of the line; blank lines
+are ignored; keywords are case-insensitive; fields are separated by ``;`` with optional
+whitespace around them::
+
+    # SOLAR-style depth up-scaling of a 32-layer model
+    TotalLayers 48
+    WeightBlock; 0;  23; 0; -1      # block 0: positions 0..23 run weights 0..23
+    WeightBlock; 24; 47; 8;  0      # block 1: positions 24..47 run weights 8..31
+
+* ``TotalLayers <n>`` (``TotalLayers; <n>`` also accepted) -- optional, at most once:
+  the number of execution positions; when present it must equal the chain's length.
+* ``WeightBlock; <start>; <end>; <weight_start>; <input_block>`` -- block ids are
+  0, 1, 2, ... in file order (every ``WeightBlock``/``MergeBlock`` line takes the next
+  id).  The block covers execution positions ``start..end`` **inclusive** and runs
+  weights ``weight_start, weight_start + 1, ..., weight_start + (end - start)``.
+  ``input_block`` is the id of the block feeding it, ``-1`` for the token embedding.
+* ``MergeBlock ...`` -- not supported yet (ValueError).
+
+The blocks must form one chain: exactly one block reads the embedding and starts at
+position 0, every other block reads the block that ends right before it
+(``start == input.end + 1``), no block feeds two blocks, and every block is on the
+chain.  The chain's weights, block after block, are the order.
+
+Generators: :func:`rewind`, :func:`repeat_block`, :func:`rys`, :func:`drop`.
+Named classic recipes (data for tests and docs): :data:`CLASSIC_RECIPES`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Integral
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .order import MAX_POSITIONS, WHITESPACE, parse_spec, validate_order
+
+__all__ = [
+    "Recipe",
+    "resolve",
+    "from_half_open_ranges",
+    "from_exl3_spec",
+    "from_mergekit_yaml",
+    "from_mergekit_config",
+    "from_block_file",
+    "rewind",
+    "repeat_block",
+    "rys",
+    "drop",
+    "ClassicRecipe",
+    "CLASSIC_RECIPES",
+]
+
+#: Anything :func:`resolve` understands.
+Recipe = Union[Sequence[int], Sequence[Sequence[int]], str, Path, Mapping[str, Any]]
+
+YAML_SUFFIXES = (".yaml", ".yml")
+BLOCK_SUFFIXES = (".txt", ".blocks")
+_EXL3_ITEM = re.compile(r"([0-9]+)(?:\.\.([0-9]+))?")
+
+
+def _is_int(value: object) -> bool:
+    """True for ints (numpy ints included) but not bools."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _require_int(value: object, what: str) -> int:
+    """Return ``value`` as an int or raise ValueError naming ``what``."""
+    if not _is_int(value):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _check_n_layers(n_layers: object) -> int:
+    """Return a positive layer count or raise ValueError."""
+    if not _is_int(n_layers) or int(n_layers) < 1:
+        raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
+    return int(n_layers)
+
+
+def _looks_like_path(value: str, suffixes: tuple[str, ...]) -> bool:
+    """True for a one-line string ending with one of ``suffixes`` (case-insensitive)."""
+    return "\n" not in value and value.strip().lower().endswith(suffixes)
+
+
+def _read_text(value: str | Path, suffixes: tuple[str, ...], kind: str) -> str:
+    """Return file contents for a path (Path, or str ending in ``suffixes``), else text."""
+    if isinstance(value, str) and _looks_like_path(value, suffixes):
+        value = Path(value.strip())
+    if isinstance(value, Path):
+        path = value.expanduser()
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as err:
+            reason = err.strerror or err
+            raise ValueError(f"cannot read {kind} file {str(path)!r}: {reason}") from err
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"expected {kind} text or a path, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def resolve(recipe: Recipe, n_layers: int, *, models: Sequence[str] | None = None) -> list[int]:
+    """Turn any supported recipe into an order validated against ``n_layers``.
+
+    See the module docstring for the accepted forms.  ``models`` is passed to
+    :func:`from_mergekit_yaml` for multi-model mergekit recipes on a stacked file.
+    Raises ValueError naming the bad item or line.
+    """
+    n_layers = _check_n_layers(n_layers)
+    if isinstance(recipe, Path):
+        order = _resolve_file(recipe, n_layers, models)
+    elif isinstance(recipe, str):
+        order = _resolve_string(recipe, n_layers, models)
+    elif isinstance(recipe, Mapping):
+        order = from_mergekit_config(recipe, n_layers=n_layers, models=models)
+    elif isinstance(recipe, Sequence) and not isinstance(recipe, (bytes, bytearray)):
+        order = _resolve_sequence(recipe)
+    else:
+        raise ValueError(
+            f"unsupported recipe type {type(recipe).__name__}: give a list of layer "
+            f"indices, a spec string like '0-15,8-23', or a .yaml/.txt recipe path"
+        )
+    return validate_order(order, n_layers)
+
+
+def _resolve_file(path: Path, n_layers: int, models: Sequence[str] | None) -> list[int]:
+    """Dispatch a recipe file on its suffix."""
+    suffix = path.suffix.lower()
+    if suffix in YAML_SUFFIXES:
+        return from_mergekit_yaml(path, n_layers=n_layers, models=models)
+    if suffix in BLOCK_SUFFIXES:
+        return from_block_file(path)
+    raise ValueError(
+        f"recipe file {str(path)!r}: unknown suffix {path.suffix!r}; use .yaml/.yml for "
+        f"mergekit configs or .txt/.blocks for Llama Blocks block files"
+    )
+
+
+def _resolve_string(recipe: str, n_layers: int, models: Sequence[str] | None) -> list[int]:
+    """A string is a recipe path (by suffix), an exllamav3 ``a..b`` spec, or a spec."""
+    if _looks_like_path(recipe, YAML_SUFFIXES + BLOCK_SUFFIXES):
+        return _resolve_file(Path(recipe.strip()), n_layers, models)
+    if ".." in recipe:
+        return from_exl3_spec(recipe, n_layers)
+    return parse_spec(recipe, n_layers)
+
+
+def _resolve_sequence(recipe: Sequence[Any]) -> list[int]:
+    """A sequence is either the order itself (ints) or half-open (start, end) pairs.
+
+    The first element decides; a bad element is then named by
+    :func:`from_half_open_ranges` or :func:`~frankenllama.order.validate_order`.
+    """
+    if len(recipe) == 0:
+        raise ValueError("empty recipe: a layer order needs at least one position")
+    if _is_pair_like(recipe[0]):
+        return from_half_open_ranges(recipe)
+    return list(recipe)
+
+
+def _is_pair_like(value: object) -> bool:
+    """True for a non-string sequence (a candidate (start, end) pair)."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def from_half_open_ranges(ranges: Sequence[Sequence[int]]) -> list[int]:
+    """exllamav2-style half-open ranges: ``[(0, 20), (10, 30)]`` -> 0..19, 10..29.
+
+    Each pair needs integer ``0 <= start < end``.
+    """
+    if len(ranges) == 0:
+        raise ValueError("empty range list: give at least one (start, end) pair")
+    order: list[int] = []
+    for index, pair in enumerate(ranges):
+        what = f"range {index} {pair!r}"
+        if not _is_pair_like(pair) or len(pair) != 2:
+            raise ValueError(f"{what}: expected a (start, end) pair")
+        start = _require_int(pair[0], f"{what}: start")
+        end = _require_int(pair[1], f"{what}: end")
+        if not 0 <= start < end:
+            raise ValueError(
+                f"{what}: half-open ranges need 0 <= start < end (end is excluded, so "
+                f"(0, 20) runs layers 0..19)"
+            )
+        if len(order) + end - start > MAX_POSITIONS:
+            raise ValueError(f"{what}: the order would exceed {MAX_POSITIONS} positions")
+        order.extend(range(start, end))
+    return order
+
+
+def from_exl3_spec(spec: str, n_layers: int | None = None) -> list[int]:
+    """exllamav3-style inclusive ``a..b`` ranges: ``"0..15,8..23"`` -> 0..15, 8..23.
+
+    Items are single indices or ``a..b`` (inclusive, counts down when ``a > b``);
+    whitespace is ignored.  Translated to the frankenllama grammar and parsed by
+    :func:`~frankenllama.order.parse_spec` (with ``n_layers`` when given).
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"exllamav3 range spec must be a string, got {type(spec).__name__}")
+    items = "".join(ch for ch in spec if ch not in WHITESPACE).split(",")
+    translated: list[str] = []
+    for index, item in enumerate(items, start=1):
+        match = _EXL3_ITEM.fullmatch(item)
+        if match is None:
+            hint = " (do not mix '-' and '..' ranges)" if "-" in item else ""
+            raise ValueError(
+                f"exllamav3 range item {index} {item!r}: expected an index or an inclusive "
+                f"range 'a..b'{hint}, e.g. '0..15,8..23'"
+            )
+        first, last = match.group(1), match.group(2)
+        translated.append(first if last is None else f"{first}-{last}")
+    return parse_spec(",".join(translated), n_layers)
+
+
+# --------------------------------------------------------------------------- generators
+
+
+def rewind(n_layers: int, compute: int = 16, rewind: int = 8) -> list[int]:
+    """kalomaze's compute/rewind pattern: run ``compute`` layers, step back ``rewind``.
+
+    Windows start at 0, ``compute - rewind``, ``2 * (compute - rewind)``, ...; each runs
+    ``[start, start + compute)`` clipped to ``n_layers``; stops after the window that
+    runs the last layer.  ``rewind(32, 16, 8)`` is ``0-15,8-23,16-31`` (48 positions).
+    Needs ``compute > rewind >= 0``.
+    """
+    n_layers = _check_n_layers(n_layers)
+    compute = _require_int(compute, "compute")
+    back = _require_int(rewind, "rewind")
+    if not compute > back >= 0:
+        raise ValueError(
+            f"rewind needs compute > rewind >= 0, got compute={compute}, rewind={back}"
+        )
+    order: list[int] = []
+    start = 0
+    while True:
+        end = min(start + compute, n_layers)
+        order.extend(range(start, end))
+        if len(order) > MAX_POSITIONS:
+            raise ValueError(
+                f"rewind(n_layers={n_layers}, compute={compute}, rewind={back}) exceeds "
+                f"{MAX_POSITIONS} positions; use a larger compute - rewind step"
+            )
+        if end == n_layers:
+            return validate_order(order, n_layers)
+        start += compute - back
+
+
+def _check_block(i: int, j: int, n_layers: int) -> tuple[int, int, int]:
+    """Validate a duplication block ``[i, j)`` of an ``n_layers`` model."""
+    n_layers = _check_n_layers(n_layers)
+    i = _require_int(i, "i")
+    j = _require_int(j, "j")
+    if not 0 <= i <= j <= n_layers:
+        raise ValueError(
+            f"block [{i}, {j}) needs 0 <= i <= j <= n_layers ({n_layers}); the block runs "
+            f"layers i..j-1"
+        )
+    return i, j, n_layers
+
+
+def repeat_block(i: int, j: int, times: int, n_layers: int) -> list[int]:
+    """Run layers ``0..j-1``, then the block ``i..j-1`` ``times`` more times, then ``j..n-1``.
+
+    ``times=0`` (or ``i == j``) gives the unmodified order; ``times=1`` equals
+    :func:`rys`.  Needs ``0 <= i <= j <= n_layers`` and ``times >= 0``.
+    """
+    i, j, n_layers = _check_block(i, j, n_layers)
+    times = _require_int(times, "times")
+    if times < 0:
+        raise ValueError(f"times must be >= 0, got {times}")
+    if j + times * (j - i) + (n_layers - j) > MAX_POSITIONS:
+        raise ValueError(
+            f"repeat_block({i}, {j}, times={times}) on {n_layers} layers exceeds "
+            f"{MAX_POSITIONS} positions; repeat fewer times"
+        )
+    order = list(range(0, j)) + list(range(i, j)) * times + list(range(j, n_layers))
+    return validate_order(order, n_layers)
+
+
+def rys(i: int, j: int, n_layers: int) -> list[int]:
+    """RYS ("repeat your self", dnhkng): ``list(range(0, j)) + list(range(i, n_layers))``.
+
+    Layers ``i..j-1`` run twice.  ``i == j`` is the unmodified baseline of an (i, j)
+    sweep.  Needs ``0 <= i <= j <= n_layers``.
+    """
+    i, j, n_layers = _check_block(i, j, n_layers)
+    return validate_order(list(range(0, j)) + list(range(i, n_layers)), n_layers)
+
+
+def drop(indices: Sequence[int], n_layers: int) -> list[int]:
+    """All layers ``0..n_layers-1`` in order except ``indices`` (pruning).
+
+    Duplicated indices are fine; each must be in range; dropping every layer is an error.
+    """
+    n_layers = _check_n_layers(n_layers)
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence):
+        raise ValueError(f"drop() needs a list of layer indices, got {indices!r}")
+    dropped: set[int] = set()
+    for position, value in enumerate(indices):
+        layer = _require_int(value, f"drop index {position}")
+        if not 0 <= layer < n_layers:
+            raise ValueError(
+                f"drop index {position}: layer {layer} is out of range for a model with "
+                f"{n_layers} layers (valid 0..{n_layers - 1})"
+            )
+        dropped.add(layer)
+    order = [layer for layer in range(n_layers) if layer not in dropped]
+    if not order:
+        raise ValueError("drop() would remove every layer; keep at least one")
+    return validate_order(order, n_layers)
+
+
+# --------------------------------------------------------------------------- mergekit
+
+_SLICE_KEYS = frozenset({"sources"})
+_SOURCE_KEYS = frozenset({"model", "layer_range"})
+
+
+def from_mergekit_yaml(
+    text_or_path: str | Path,
+    n_layers: int | None = None,
+    models: Sequence[str] | None = None,
+) -> list[int]:
+    """Order from a mergekit ``passthrough`` config (YAML text or a .yaml/.yml path).
+
+    ``slices: - sources: - model: X, layer_range: [a, b]`` -- half-open ranges,
+    exactly one source per slice.  With one distinct model the result is a self-merge
+    order over that model's layers.  ``models`` (ordered names of the models stacked
+    into one file) maps model ``k``'s layer ``i`` to ``k * (n_layers // len(models)) + i``
+    and needs ``n_layers``.  Several distinct models without ``models`` is an error:
+    stack them first with ``frankenllama stack``.
+    """
+    text = _read_text(text_or_path, YAML_SUFFIXES, "mergekit YAML")
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"mergekit config is not valid YAML: {err}") from err
+    return from_mergekit_config(config, n_layers=n_layers, models=models)
+
+
+def from_mergekit_config(
+    config: Any,
+    n_layers: int | None = None,
+    models: Sequence[str] | None = None,
+) -> list[int]:
+    """Order from an already-loaded mergekit config; see :func:`from_mergekit_yaml`."""
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            "mergekit config must be a mapping with a 'slices' list "
+            "(slices: - sources: - model: X, layer_range: [a, b])"
+        )
+    method = config.get("merge_method")
+    if method is not None and str(method).strip().lower() != "passthrough":
+        raise ValueError(
+            f"merge_method {method!r} is not supported: frankenllama only reorders layers, "
+            f"so only 'passthrough' configs can be run"
+        )
+    slices = config.get("slices")
+    if not isinstance(slices, list) or not slices:
+        hint = " ('models:' lists whole models, not layer slices)" if "models" in config else ""
+        raise ValueError(f"mergekit config needs a non-empty 'slices' list{hint}")
+    parsed = [_parse_slice(number, entry) for number, entry in enumerate(slices, start=1)]
+    if n_layers is not None:
+        n_layers = _check_n_layers(n_layers)
+    names = list(dict.fromkeys(model for model, _, _, _ in parsed))
+    if models is None:
+        if len(names) > 1:
+            raise ValueError(
+                f"mergekit config uses {len(names)} models ({', '.join(map(repr, names))}); "
+                f"stack them into one file first (frankenllama stack) and pass "
+                f"models=[...] in stacking order"
+            )
+        return _self_merge(parsed, n_layers)
+    return _stacked_merge(parsed, n_layers, models)
+
+
+def _parse_slice(number: int, entry: Any) -> tuple[str, int, int, str]:
+    """Validate one slice; returns (model, start, end, description)."""
+    where = f"mergekit slice {number}"
+    if not isinstance(entry, Mapping) or "sources" not in entry:
+        raise ValueError(f"{where}: expected a mapping with 'sources'")
+    extra = set(entry) - _SLICE_KEYS
+    if extra:
+        raise ValueError(
+            f"{where}: unsupported key(s) {sorted(map(str, extra))}; frankenllama only "
+            f"reorders layers (no per-slice parameters)"
+        )
+    sources = entry["sources"]
+    if not isinstance(sources, list) or len(sources) != 1:
+        raise ValueError(f"{where}: passthrough needs exactly one source per slice")
+    source = sources[0]
+    if not isinstance(source, Mapping):
+        raise ValueError(f"{where}: source must be a mapping with 'model' and 'layer_range'")
+    extra = set(source) - _SOURCE_KEYS
+    if extra:
+        raise ValueError(
+            f"{where}: unsupported source key(s) {sorted(map(str, extra))}; frankenllama "
+            f"only reorders layers (no scale/parameters)"
+        )
+    model = source.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"{where}: 'model' must be a model name string")
+    layer_range = source.get("layer_range")
+    where = f"{where} (model {model!r}, layer_range {layer_range!r})"
+    if not isinstance(layer_range, list) or len(layer_range) != 2:
+        raise ValueError(f"{where}: layer_range must be a [start, end] pair")
+    start = _require_int(layer_range[0], f"{where}: start")
+    end = _require_int(layer_range[1], f"{where}: end")
+    if not 0 <= start < end:
+        raise ValueError(
+            f"{where}: layer_range is half-open and needs 0 <= start < end "
+            f"([0, 16] runs layers 0..15)"
+        )
+    return model, start, end, where
+
+
+def _self_merge(parsed: list[tuple[str, int, int, str]], n_layers: int | None) -> list[int]:
+    """Concatenate the slices of a single-model config."""
+    order: list[int] = []
+    for _, start, end, where in parsed:
+        if n_layers is not None and end > n_layers:
+            raise ValueError(f"{where}: end {end} exceeds the model's {n_layers} layers")
+        if len(order) + end - start > MAX_POSITIONS:
+            raise ValueError(f"{where}: the order would exceed {MAX_POSITIONS} positions")
+        order.extend(range(start, end))
+    return order
+
+
+def _stacked_merge(
+    parsed: list[tuple[str, int, int, str]],
+    n_layers: int | None,
+    models: Sequence[str],
+) -> list[int]:
+    """Map each slice through the model's offset in a stacked file."""
+    if isinstance(models, str) or not models or not all(isinstance(m, str) for m in models):
+        raise ValueError("models must be a non-empty list of model names in stacking order")
+    if len(set(models)) != len(models):
+        raise ValueError(f"models lists a model twice: {list(models)!r}")
+    if n_layers is None:
+        raise ValueError("models=[...] needs n_layers, the layer count of the stacked file")
+    if n_layers % len(models):
+        raise ValueError(
+            f"stacked file has {n_layers} layers, not a multiple of {len(models)} models"
+        )
+    per_model = n_layers // len(models)
+    offsets = {name: k * per_model for k, name in enumerate(models)}
+    order: list[int] = []
+    for model, start, end, where in parsed:
+        if model not in offsets:
+            raise ValueError(f"{where}: model is not in models={list(models)!r}")
+        if end > per_model:
+            raise ValueError(f"{where}: end {end} exceeds the {per_model} layers per model")
+        if len(order) + end - start > MAX_POSITIONS:
+            raise ValueError(f"{where}: the order would exceed {MAX_POSITIONS} positions")
+        order.extend(range(offsets[model] + start, offsets[model] + end))
+    return order
+
+
+# --------------------------------------------------------------------------- block files
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One WeightBlock line."""
+
+    block_id: int
+    line: int
+    start: int
+    end: int
+    weight_start: int
+    input_block: int
+
+
+def from_block_file(text_or_path: str | Path) -> list[int]:
+    """Order from a Llama Blocks block file (text, or a .txt/.blocks path).
+
+    See the module docstring for the format.  ``MergeBlock`` lines raise ValueError.
+    """
+    text = _read_text(text_or_path, BLOCK_SUFFIXES, "block")
+    blocks: list[_Block] = []
+    total: int | None = None
+    next_id = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        keyword = re.split(r"[\s;]", line, maxsplit=1)[0].lower()
+        if keyword == "totallayers":
+            if total is not None:
+                raise ValueError(f"block file line {number}: TotalLayers given twice")
+            total = _parse_total(line, number)
+        elif keyword == "mergeblock":
+            raise ValueError(
+                f"block file line {number}: MergeBlock is not supported yet; frankenllama "
+                f"runs one chain of WeightBlocks"
+            )
+        elif keyword == "weightblock":
+            blocks.append(_parse_weight_block(line, number, next_id))
+            next_id += 1
+        else:
+            raise ValueError(
+                f"block file line {number}: unknown line {raw.strip()!r}; expected "
+                f"'TotalLayers <n>' or 'WeightBlock; start; end; weight_start; input_block'"
+            )
+    order = _chain_order(blocks)
+    if total is not None and total != len(order):
+        raise ValueError(
+            f"block file: TotalLayers is {total} but the blocks cover {len(order)} positions"
+        )
+    return order
+
+
+def _parse_total(line: str, number: int) -> int:
+    """Parse ``TotalLayers <n>`` (or ``TotalLayers; <n>``)."""
+    match = re.fullmatch(r"(?i)totallayers\s*;?\s*([0-9]+)", line)
+    if match is None or not 1 <= int(match.group(1)) <= MAX_POSITIONS:
+        raise ValueError(
+            f"block file line {number}: expected 'TotalLayers <n>' with 1 <= n <= "
+            f"{MAX_POSITIONS}, got {line!r}"
+        )
+    return int(match.group(1))
+
+
+def _parse_weight_block(line: str, number: int, block_id: int) -> _Block:
+    """Parse ``WeightBlock; start; end; weight_start; input_block``."""
+    fields = [field.strip() for field in line.split(";")]
+    usage = "expected 'WeightBlock; start; end; weight_start; input_block'"
+    if fields[0].lower() != "weightblock" or len(fields) != 5:
+        raise ValueError(f"block file line {number}: {usage}, got {line!r}")
+    values: list[int] = []
+    for name, field in zip(("start", "end", "weight_start", "input_block"), fields[1:]):
+        pattern = r"-1|[0-9]+" if name == "input_block" else r"[0-9]+"
+        if re.fullmatch(pattern, field) is None:
+            allowed = (
+                "a block id or -1 (embedding)"
+                if name == "input_block"
+                else "a non-negative integer"
+            )
+            raise ValueError(f"block file line {number}: {name} {field!r} must be {allowed}")
+        values.append(int(field))
+    start, end, weight_start, input_block = values
+    if end < start:
+        raise ValueError(
+            f"block file line {number}: end {end} is before start {start} "
+            f"(positions start..end are inclusive)"
+        )
+    if end - start + 1 > MAX_POSITIONS:
+        raise ValueError(f"block file line {number}: block exceeds {MAX_POSITIONS} positions")
+    return _Block(block_id, number, start, end, weight_start, input_block)
+
+
+def _chain_order(blocks: list[_Block]) -> list[int]:
+    """Follow input links from the embedding and concatenate the blocks' weights."""
+    if not blocks:
+        raise ValueError("block file has no WeightBlock lines")
+    by_id = {block.block_id: block for block in blocks}
+    feeds: dict[int, _Block] = {}
+    for block in blocks:
+        if block.input_block != -1 and block.input_block not in by_id:
+            raise ValueError(
+                f"block file line {block.line}: input_block {block.input_block} is not a "
+                f"block id (ids are 0, 1, ... in file order; -1 is the embedding)"
+            )
+        if block.input_block == block.block_id:
+            raise ValueError(f"block file line {block.line}: block {block.block_id} feeds itself")
+        if block.input_block in feeds:
+            other = feeds[block.input_block]
+            raise ValueError(
+                f"block file line {block.line}: block {block.input_block} already feeds the "
+                f"block on line {other.line}; branching chains are not supported"
+            )
+        feeds[block.input_block] = block
+    if -1 not in feeds:
+        raise ValueError("block file: no WeightBlock reads the embedding (input_block -1)")
+    order: list[int] = []
+    visited: set[int] = set()
+    previous: _Block | None = None
+    block: _Block | None = feeds[-1]
+    while block is not None:
+        visited.add(block.block_id)
+        expected = 0 if previous is None else previous.end + 1
+        if block.start != expected:
+            raise ValueError(
+                f"block file line {block.line}: block starts at position {block.start}, "
+                f"expected {expected} (right after its input block)"
+            )
+        if block.end + 1 > MAX_POSITIONS:
+            raise ValueError(
+                f"block file line {block.line}: the order would exceed {MAX_POSITIONS} positions"
+            )
+        order.extend(range(block.weight_start, block.weight_start + block.end - block.start + 1))
+        previous, block = block, feeds.get(block.block_id)
+    unchained = [b for b in blocks if b.block_id not in visited]
+    if unchained:
+        raise ValueError(
+            f"block file line {unchained[0].line}: block {unchained[0].block_id} is not on "
+            f"the chain from the embedding"
+        )
+    return order
+
+
+# --------------------------------------------------------------------------- classics
+
+
+@dataclass(frozen=True)
+class ClassicRecipe:
+    """A well-known frankenmerge, as data.
+
+    ``recipe`` is a spec string (``kind="spec"``) or mergekit YAML text
+    (``kind="mergekit"``, resolved over a stacked file of ``models``); ``n_layers`` is
+    the base depth the order indexes; ``depth`` the resulting number of positions.
+    """
+
+    name: str
+    kind: str
+    recipe: str
+    n_layers: int
+    depth: int
+    description: str
+    models: tuple[str, ...] = ()
+
+    def order(self) -> list[int]:
+        """Resolve this recipe to its order."""
+        if self.kind == "mergekit":
+            return from_mergekit_yaml(self.recipe, n_layers=self.n_layers, models=list(self.models))
+        return resolve(self.recipe, self.n_layers)
+
+
+_GOLIATH_MODELS = ("Xwin-LM/Xwin-LM-70B-V0.1", "Sao10K/Euryale-1.3-L2-70B")
+_GOLIATH_RANGES = (
+    (0, 0, 16), (1, 8, 24), (0, 17, 32), (1, 25, 40), (0, 33, 48),
+    (1, 41, 56), (0, 49, 64), (1, 57, 72), (0, 65, 80),
+)
+_GOLIATH_YAML = "merge_method: passthrough\nslices:\n" + "".join(
+    f"  - sources:\n      - model: {_GOLIATH_MODELS[k]}\n        layer_range: [{a}, {b}]\n"
+    for k, a, b in _GOLIATH_RANGES
+)
+
+CLASSIC_RECIPES: dict[str, ClassicRecipe] = {
+    recipe.name: recipe
+    for recipe in (
+        ClassicRecipe(
+            name="solar-10.7b",
+            kind="spec",
+            recipe="0-23,8-31",
+            n_layers=32,
+            depth=48,
+            description="SOLAR 10.7B depth up-scaling: a 32-layer Mistral-7B, layers 0-23 "
+            "then 8-31 (the paper then continued pretraining).",
+        ),
+        ClassicRecipe(
+            name="venus-120b",
+            kind="spec",
+            recipe="0-19,10-29,20-39,30-49,40-59,50-69,60-79",
+            n_layers=80,
+            depth=140,
+            description="Venus-120b self-merge of an 80-layer 70B: slices of 20 layers "
+            "overlapping by 10.",
+        ),
+        ClassicRecipe(
+            name="goliath-120b",
+            kind="mergekit",
+            recipe=_GOLIATH_YAML,
+            n_layers=160,
+            depth=137,
+            description="Goliath-120b: Xwin-70B and Euryale-70B (80 layers each) interleaved "
+            "in 16-layer slices, run over a stacked 160-layer file (Xwin 0-79, Euryale "
+            "80-159); layer ranges as published on the model card.",
+            models=_GOLIATH_MODELS,
+        ),
+        ClassicRecipe(
+            name="rys-xlarge",
+            kind="spec",
+            recipe="0-51,45-79",
+            n_layers=80,
+            depth=87,
+            description="RYS-XLarge (dnhkng): (i, j) = (45, 52) on an 80-layer Qwen2-72B "
+            "fine-tune, i.e. rys(45, 52, 80): layers 45-51 run twice.",
+        ),
+    )
+}

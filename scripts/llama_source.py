@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Fetch the pinned llama.cpp source, apply frankenllama's patch series, refresh it.
+
+The llama.cpp tree frankenllama builds is the one vendored by the llama-cpp-python
+source distribution whose ctypes bindings frankenllama reuses, so every struct layout
+matches.  It is fetched with pip by package name, checked by sha256, and only its
+``vendor/llama.cpp/`` is extracted.  Nothing of it is ever committed.
+
+Commands::
+
+    llama_source.py prepare [--dest DIR]   fetch (cached), extract, apply patches/ (idempotent)
+    llama_source.py check                  do the patches apply to a fresh pristine tree?
+    llama_source.py dev [--dest DIR]       like prepare, but the tree becomes a git repository
+                                           with one commit per patch, for patch development
+    llama_source.py refresh [--dest DIR]   rewrite patches/ from the commits of a `dev` tree
+
+Environment::
+
+    FRANKENLLAMA_CACHE          where the archive is cached (default ~/.cache/frankenllama)
+    FRANKENLLAMA_SDIST          path to an already downloaded archive (offline builds)
+    FRANKENLLAMA_LLAMA_CPP_DIR  use this already extracted and patched tree as is
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+PACKAGE = "llama-cpp-python"
+VERSION = "0.3.36"
+SDIST_NAME = f"llama_cpp_python-{VERSION}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMA_CPP_COMMIT = "0c1e57098"
+VENDOR_PREFIX = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+
+ROOT = Path(__file__).resolve().parent.parent
+PATCH_DIR = ROOT / "patches"
+DEFAULT_DEST = ROOT / "vendor" / "llama.cpp"
+DEV_DEST = ROOT / "build" / "llama.cpp-dev"  # a git repository: kept out of vendor/ (and out of git)
+STAMP_NAME = ".frankenllama-stamp.json"
+PRISTINE_TAG = "pristine"
+
+
+class SourceError(RuntimeError):
+    """The pinned source could not be fetched, verified or patched."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FRANKENLLAMA_CACHE", Path.home() / ".cache" / "frankenllama"))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified(path: Path) -> Path:
+    actual = sha256_of(path)
+    if actual != SDIST_SHA256:
+        raise SourceError(
+            f"{path}: sha256 is {actual}, expected {SDIST_SHA256}. The archive is not the pinned "
+            f"{PACKAGE} {VERSION} source distribution; delete it and build again."
+        )
+    return path
+
+
+def fetch_sdist() -> Path:
+    """Return the verified source archive, downloading it with pip once into the cache."""
+    override = os.environ.get("FRANKENLLAMA_SDIST")
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise SourceError(f"FRANKENLLAMA_SDIST={override} is not a file")
+        return _verified(path)
+
+    cached = cache_dir() / "sdist" / SDIST_NAME
+    if cached.is_file():
+        return _verified(cached)
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+        # --no-build-isolation: pip only reads the archive's metadata, with the
+        # scikit-build-core already present; an isolated env would compile cmake from source.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+               "--no-binary", PACKAGE, "--dest", tmp, f"{PACKAGE}=={VERSION}"]
+        print(f"-- frankenllama: downloading {PACKAGE}=={VERSION} source with pip", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        downloaded = Path(tmp) / SDIST_NAME
+        if proc.returncode != 0 or not downloaded.is_file():
+            raise SourceError(
+                f"could not download {PACKAGE}=={VERSION} with pip (exit {proc.returncode}):\n"
+                f"{proc.stderr.strip()[-2000:]}\n"
+                "Offline? Point FRANKENLLAMA_SDIST at a copy of the archive, or "
+                "FRANKENLLAMA_LLAMA_CPP_DIR at a prepared llama.cpp tree."
+            )
+        _verified(downloaded)
+        os.replace(downloaded, cached)
+    return cached
+
+
+def series() -> list[Path]:
+    """The patch files, in the order they apply."""
+    return sorted(PATCH_DIR.glob("*.patch"))
+
+
+def series_digest() -> str:
+    digest = hashlib.sha256(SDIST_SHA256.encode())
+    for patch in series():
+        digest.update(patch.name.encode())
+        digest.update(patch.read_bytes())
+    return digest.hexdigest()
+
+
+def extract(archive: Path, dest: Path) -> None:
+    """Extract only vendor/llama.cpp/ of the archive into dest (replacing what was there)."""
+    if dest.exists():
+        for child in dest.iterdir():
+            if child.name == "README" and dest == DEFAULT_DEST:
+                continue  # frankenllama's tracked note (llama.cpp's own is README.md)
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        members = []
+        for member in tar.getmembers():
+            if not member.name.startswith(VENDOR_PREFIX):
+                continue
+            member.name = member.name[len(VENDOR_PREFIX):]
+            # .git is a submodule link into llama-cpp-python's repository: useless here
+            if member.name and member.name.split("/")[0] != ".git":
+                members.append(member)
+        tar.extractall(dest, members=members, filter="data")
+
+
+def _git_env(tree: Path) -> dict[str, str]:
+    """Keep git from treating a tree inside another checkout as part of that checkout."""
+    return {**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.resolve().parent)}
+
+
+def _checked(cmd: list[str], tree: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tree, env=_git_env(tree))
+    if proc.returncode != 0:
+        raise SourceError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()}")
+    return proc
+
+
+def apply_series(tree: Path) -> None:
+    """Apply patches/*.patch in order; fail naming the patch that does not apply."""
+    for patch in series():
+        check = subprocess.run(["git", "apply", "--check", "-p1", str(patch)],
+                               cwd=tree, capture_output=True, text=True, env=_git_env(tree))
+        if check.returncode != 0:
+            raise SourceError(
+                f"patch {patch.name} does not apply to llama.cpp {LLAMA_CPP_COMMIT}:\n"
+                f"{check.stderr.strip()}\nRefresh it with scripts/llama_source.py dev/refresh."
+            )
+        _checked(["git", "apply", "-p1", "--whitespace=nowarn", str(patch)], tree)
+
+
+def prepare(dest: Path) -> Path:
+    """Make dest hold the pinned tree with the current patch series applied."""
+    prepared = os.environ.get("FRANKENLLAMA_LLAMA_CPP_DIR")
+    if prepared:
+        tree = Path(prepared).resolve()
+        if not (tree / "include" / "llama.h").is_file():
+            raise SourceError(f"FRANKENLLAMA_LLAMA_CPP_DIR={prepared} holds no llama.cpp tree")
+        if "llama_layer_order_version" not in (tree / "include" / "llama.h").read_text():
+            raise SourceError(f"FRANKENLLAMA_LLAMA_CPP_DIR={prepared} is not patched; "
+                              "run scripts/llama_source.py prepare --dest on it first")
+        return tree
+
+    stamp = dest / STAMP_NAME
+    want = {"sdist_sha256": SDIST_SHA256, "series": series_digest()}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return dest
+
+    extract(fetch_sdist(), dest)
+    apply_series(dest)
+    stamp.write_text(json.dumps(want))
+    print(f"-- frankenllama: llama.cpp {LLAMA_CPP_COMMIT} + {len(series())} patch(es) in {dest}", file=sys.stderr, flush=True)
+    return dest
+
+
+def dev(dest: Path) -> None:
+    """Extract a pristine tree, make it a git repository, and commit each patch on top."""
+    extract(fetch_sdist(), dest)
+    env = {"GIT_AUTHOR_NAME": "frankenllama", "GIT_AUTHOR_EMAIL": "dev@frankenllama",
+           "GIT_COMMITTER_NAME": "frankenllama", "GIT_COMMITTER_EMAIL": "dev@frankenllama"}
+    os.environ.update(env)
+    _checked(["git", "init", "-q"], dest)
+    _checked(["git", "add", "-A", "-f", "."], dest)
+    _checked(["git", "commit", "-q", "-m", f"llama.cpp {LLAMA_CPP_COMMIT} (pristine)"], dest)
+    _checked(["git", "tag", "-f", PRISTINE_TAG], dest)
+    for patch in series():
+        _checked(["git", "am", "-q", "--keep-cr", str(patch.resolve())], dest)
+    print(f"dev tree ready in {dest}: edit, commit (one commit per patch), then `refresh`")
+
+
+def refresh(dest: Path) -> None:
+    """Rewrite patches/ from the commits of a dev tree since the pristine tag."""
+    if not (dest / ".git").exists():
+        raise SourceError(f"{dest} is not a dev tree; create it with `llama_source.py dev`")
+    with tempfile.TemporaryDirectory() as tmp:
+        _checked(["git", "format-patch", "-q", "--no-stat", "--no-signature",
+                  "--zero-commit", "-N", "-o", tmp, f"{PRISTINE_TAG}..HEAD"], dest)
+        new = sorted(Path(tmp).glob("*.patch"))
+        for old in series():
+            old.unlink()
+        for patch in new:
+            shutil.copy(patch, PATCH_DIR / patch.name)
+    print(f"wrote {len(new)} patch(es) to {PATCH_DIR}")
+
+
+def check() -> None:
+    """Apply the series to a fresh pristine tree in a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(Path(tmp) / "llama.cpp")
+    print(f"{len(series())} patch(es) apply cleanly to llama.cpp {LLAMA_CPP_COMMIT}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["prepare", "check", "dev", "refresh", "fetch"])
+    parser.add_argument("--dest", type=Path, default=None,
+                        help=f"tree to work on (default: {DEFAULT_DEST} for prepare, {DEV_DEST} for dev/refresh)")
+    args = parser.parse_args(argv)
+    if args.dest is None:
+        args.dest = DEV_DEST if args.command in ("dev", "refresh") else DEFAULT_DEST
+    try:
+        if args.command == "prepare":
+            print(prepare(args.dest.resolve()))
+        elif args.command == "fetch":
+            print(fetch_sdist())
+        elif args.command == "check":
+            check()
+        elif args.command == "dev":
+            dev(args.dest.resolve())
+        else:
+            refresh(args.dest.resolve())
+    except SourceError as err:
+        print(f"frankenllama: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

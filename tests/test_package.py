@@ -1,0 +1,129 @@
+"""The package: patched library binding, drop-in Llama, refusal of foreign libraries."""
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import frankenllama
+from frankenllama import Llama
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    for key, value in env.items():
+        if value == "":
+            full_env.pop(key)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env)
+
+
+def test_llama_cpp_uses_the_patched_library():
+    loaded = Path(llama_cpp.llama_cpp._lib._name).resolve()
+    assert loaded == frankenllama.native_library_path().resolve()
+    assert loaded.is_file()
+    llama_cpp.llama_cpp._lib.llama_layer_order_version.restype = llama_cpp.ctypes.c_char_p
+    assert llama_cpp.llama_cpp._lib.llama_layer_order_version().decode() == frankenllama.LAYER_ORDER_VERSION
+    assert frankenllama.__llama_cpp_commit__ == "0c1e57098"
+
+
+def test_subclass_of_llama_cpp_llama():
+    assert issubclass(Llama, llama_cpp.Llama)
+
+
+def test_accepts_every_llama_cpp_argument(tiny):
+    """Every keyword of llama_cpp.Llama, passed explicitly with its default value, is accepted."""
+    params = inspect.signature(llama_cpp.Llama.__init__).parameters
+    kwargs = {name: p.default for name, p in params.items()
+              if name not in ("self", "model_path") and p.kind is p.KEYWORD_ONLY}
+    assert len(kwargs) > 40
+    kwargs.update(verbose=False, n_ctx=512)
+    llm = Llama(str(tiny.path), **kwargs)
+    assert llm.n_ctx() == 512
+    assert llm.layer_order == [0, 1, 2, 3]
+    llm.close()
+
+
+def test_order_metadata_confirms_the_order(tiny):
+    llm = Llama(str(tiny.path), layer_order=[0, 1, 1, 3], verbose=False, n_ctx=64)
+    assert llm.metadata["llama.layer_order"] == "0-1,1,3"
+    assert llm.layer_order == [0, 1, 1, 3]
+    assert llm.n_weight_layers == 4
+    assert llama_cpp.llama_model_n_layer(llm.model) == 4
+    llm.close()
+
+
+def _smol_logits(path: str, mode: str, **kw) -> np.ndarray:
+    llm = Llama(path, verbose=False, n_ctx=128, n_threads=2, logits_all=True, **kw)
+    tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog. Then it")
+    if mode == "batch":
+        llm.eval(tokens)
+    else:
+        for tok in tokens:
+            llm.eval([tok])
+    scores = np.array(llm.scores[: len(tokens)])
+    llm.close()
+    return scores
+
+
+@pytest.mark.parametrize("mode", ["batch", "incremental"])
+def test_identity_order_bit_identical_to_no_order(smollm2_path, mode):
+    none = _smol_logits(smollm2_path, mode)
+    identity = _smol_logits(smollm2_path, mode, layer_order="0-29")
+    assert np.array_equal(none, identity)
+    other = _smol_logits(smollm2_path, mode, layer_order="0-28")
+    assert not np.array_equal(none, other)
+
+
+def test_importing_llama_cpp_first_gives_clear_import_error(tmp_path):
+    """llama_cpp bound to another library before frankenllama is imported: ImportError saying what to do."""
+    other = tmp_path / "lib"
+    shutil.copytree(frankenllama.native_library_path().parent, other, symlinks=True)
+    proc = _run_python("""
+        import llama_cpp
+        try:
+            import frankenllama
+        except ImportError as err:
+            print("IMPORT-ERROR:", err)
+    """, LLAMA_CPP_LIB_PATH=str(other), FRANKENLLAMA_LIB_DIR="")
+    assert "IMPORT-ERROR: llama_cpp was imported before frankenllama" in proc.stdout, proc.stderr[-2000:]
+    assert "Import frankenllama before llama_cpp" in proc.stdout
+
+
+def test_stock_library_is_refused(stock_lib_dir):
+    proc = _run_python("""
+        try:
+            import frankenllama
+        except ImportError as err:
+            print("IMPORT-ERROR:", err)
+    """, FRANKENLLAMA_LIB_DIR=stock_lib_dir)
+    assert "IMPORT-ERROR:" in proc.stdout, proc.stderr[-2000:]
+    assert "not frankenllama's patched build" in proc.stdout
+
+
+def test_stock_library_would_drop_the_order_silently(stock_lib_dir, tiny):
+    """Why the check matters: the unpatched library ignores the override and runs all layers."""
+    proc = _run_python(f"""
+        import llama_cpp
+        llm = llama_cpp.Llama({str(tiny.path)!r}, kv_overrides={{"llama.layer_order": "0,1"}}, verbose=False, n_ctx=32)
+        print("N_LAYER", llama_cpp.llama_model_n_layer(llm.model))
+    """, LLAMA_CPP_LIB_PATH=stock_lib_dir, FRANKENLLAMA_LIB_DIR="")
+    assert "N_LAYER 4" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_layer_order_conflicting_with_kv_overrides(tiny):
+    with pytest.raises(ValueError, match="conflicts with kv_overrides"):
+        Llama(str(tiny.path), layer_order=[0, 1], kv_overrides={"llama.layer_order": "2,3"}, verbose=False)
+
+
+def test_kv_overrides_alone_still_work(tiny):
+    llm = Llama(str(tiny.path), kv_overrides={"llama.layer_order": "3-0"}, verbose=False, n_ctx=32)
+    assert llm.layer_order == [3, 2, 1, 0]
+    llm.close()

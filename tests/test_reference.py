@@ -1,0 +1,75 @@
+"""Reference exactness: llama.cpp with a layer order vs a NumPy forward pass of the same order."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from frankenllama.order import override_keys
+from lowlevel import RawModel, run
+from reference import reference_logits
+
+ORDERS = {
+    "identity": [0, 1, 2, 3],
+    "repeats": [0, 1, 2, 1, 2, 3],
+    "skips": [0, 2, 3],
+    "reversed": [3, 2, 1, 0],
+    "single": [2],
+    "repeat-first": [0, 0, 0, 3],
+}
+SEQS = [[1, 75, 108, 229, 153, 132, 119, 107, 104, 117], [1, 40, 41, 42, 43, 44, 45]]
+
+
+@pytest.fixture(scope="module", params=list(ORDERS))
+def order_and_model(request, tiny):
+    order = ORDERS[request.param]
+    model = RawModel(tiny.path, kv_overrides=override_keys("llama", order))
+    yield order, model
+    model.close()
+
+
+@pytest.mark.parametrize("mode", ["batch", "incremental"])
+def test_matches_numpy_reference(order_and_model, tiny, mode):
+    order, model = order_and_model
+    assert model.n_layer() == len(order)
+    got = run(model, SEQS, mode)
+    for seq, logits in zip(SEQS, got):
+        want = reference_logits(tiny, seq, layer_order=order)
+        np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_tells_orders_apart(tiny):
+    """The tolerance above is far tighter than the gap between two orders: the test can fail."""
+    a = reference_logits(tiny, SEQS[0], layer_order=[0, 1, 2, 3])
+    b = reference_logits(tiny, SEQS[0], layer_order=[0, 2, 1, 3])
+    assert np.abs(a - b).max() > 1e-2
+
+
+def test_no_order_is_the_file_order(tiny):
+    model = RawModel(tiny.path)
+    try:
+        got = run(model, SEQS, "batch")
+    finally:
+        model.close()
+    for seq, logits in zip(SEQS, got):
+        np.testing.assert_allclose(logits, reference_logits(tiny, seq), rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_array_order(tmp_path):
+    """A file can carry its default order as an int32 array; an override beats it."""
+    from tiny_model import write_tiny_llama
+
+    tm = write_tiny_llama(tmp_path / "ordered.gguf", n_layer=4, seed=1, layer_order=[3, 3, 0])
+    model = RawModel(tm.path)
+    try:
+        assert model.n_layer() == 3
+        logits = run(model, SEQS[:1], "batch")[0]
+        np.testing.assert_allclose(logits, reference_logits(tm, SEQS[0], layer_order=[3, 3, 0]), rtol=1e-4, atol=1e-4)
+    finally:
+        model.close()
+    model = RawModel(tm.path, kv_overrides=override_keys("llama", [1, 2]))
+    try:
+        assert model.n_layer() == 2
+        logits = run(model, SEQS[:1], "batch")[0]
+        np.testing.assert_allclose(logits, reference_logits(tm, SEQS[0], layer_order=[1, 2]), rtol=1e-4, atol=1e-4)
+    finally:
+        model.close()
