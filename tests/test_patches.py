@@ -1,0 +1,66 @@
+"""The patch series applies to the pinned source; fetching and patching fail clearly."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import llama_source
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_series_applies_to_pinned_source(tmp_path):
+    tree = llama_source.prepare(tmp_path / "llama.cpp")
+    header = (tree / "include" / "llama.h").read_text()
+    assert "llama_layer_order_version" in header
+    assert (tree / "src" / "llama-layer-order.cpp").is_file()
+
+
+def test_each_patch_opens_with_its_description():
+    patches = llama_source.series()
+    assert patches, "no patches in patches/"
+    for patch in patches:
+        text = patch.read_text()
+        head = text.split("\ndiff --git", 1)[0]
+        subject = [line for line in head.splitlines() if line.startswith("Subject:")]
+        assert subject, f"{patch.name} has no Subject line"
+        body = head.split(subject[0], 1)[1].strip()
+        assert len(body.split()) >= 20, f"{patch.name} should say what it changes and why"
+
+
+def test_wrong_archive_hash_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / llama_source.SDIST_NAME
+    fake.write_bytes(b"not the archive")
+    monkeypatch.setenv("FRANKENLLAMA_SDIST", str(fake))
+    with pytest.raises(llama_source.SourceError, match="sha256 is .* expected 832db069"):
+        llama_source.fetch_sdist()
+
+
+def test_patch_that_does_not_apply_names_itself(tmp_path, monkeypatch):
+    bad = tmp_path / "patches"
+    bad.mkdir()
+    (bad / "0001-broken.patch").write_text(
+        "Subject: broken\n\n"
+        "diff --git a/src/llama.cpp b/src/llama.cpp\n--- a/src/llama.cpp\n+++ b/src/llama.cpp\n"
+        "@@ -1,1 +1,1 @@\n-this line is not in llama.cpp\n+neither is this\n")
+    monkeypatch.setattr(llama_source, "PATCH_DIR", bad)
+    with pytest.raises(llama_source.SourceError, match="0001-broken.patch does not apply"):
+        llama_source.prepare(tmp_path / "llama.cpp")
+
+
+def test_unpatched_tree_is_refused_as_prepared_dir(tmp_path, monkeypatch):
+    tree = tmp_path / "llama.cpp"
+    llama_source.extract(llama_source.fetch_sdist(), tree)
+    monkeypatch.setenv("FRANKENLLAMA_LLAMA_CPP_DIR", str(tree))
+    with pytest.raises(llama_source.SourceError, match="is not patched"):
+        llama_source.prepare(tmp_path / "unused")
+
+
+def test_cli_check_command():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "llama_source.py"), "check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "apply cleanly" in proc.stdout

@@ -1,0 +1,117 @@
+"""Runtime re-order: a loaded model switches order without reloading its weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from frankenllama import Llama, _native
+
+A = "0-29,8-22"
+B = "0-9,20-29"
+
+
+def _scores(llm: Llama, text: bytes = b"Frankenmerges stack layers of one model") -> np.ndarray:
+    llm.reset()
+    tokens = llm.tokenize(text)
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)])
+
+
+def _load(path: str, **kw) -> Llama:
+    return Llama(path, verbose=False, n_ctx=128, n_threads=2, logits_all=True, **kw)
+
+
+def test_round_trip_equals_fresh_load(smollm2_path):
+    fresh = _load(smollm2_path, layer_order=A)
+    want = _scores(fresh)
+    fresh.close()
+
+    llm = _load(smollm2_path)
+    base = _scores(llm)
+    llm.set_layer_order(A)
+    assert llm.layer_order == fresh_order(A)
+    first = _scores(llm)
+    llm.set_layer_order(B)
+    assert len(llm.layer_order) == 20
+    other = _scores(llm)
+    llm.set_layer_order(A)
+    again = _scores(llm)
+    llm.set_layer_order(None)
+    restored = _scores(llm)
+    llm.close()
+
+    assert np.array_equal(first, want)
+    assert np.array_equal(again, want)
+    assert np.array_equal(restored, base)
+    assert not np.array_equal(other, want)
+
+
+def fresh_order(spec: str) -> list[int]:
+    from frankenllama.order import parse_spec
+
+    return parse_spec(spec)
+
+
+def test_reorder_then_generate(smollm2_path):
+    llm = _load(smollm2_path)
+    llm.set_layer_order([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 3)
+    out = llm("Hello", max_tokens=4, temperature=0)
+    assert out["usage"]["completion_tokens"] >= 1
+    assert llm.metadata["llama.layer_order"] == "0-9,0-9,0-9"
+    llm.close()
+
+
+def test_layers_not_loaded_cannot_run(tiny):
+    llm = Llama(str(tiny.path), layer_order=[0, 1], verbose=False, n_ctx=64)
+    with pytest.raises(ValueError, match="were not loaded"):
+        llm.set_layer_order([0, 1, 2])
+    llm.set_layer_order([1, 0, 1])  # loaded layers can still be re-ordered
+    assert llm.layer_order == [1, 0, 1]
+    llm.close()
+
+
+def test_invalid_order_leaves_model_intact(tiny):
+    llm = Llama(str(tiny.path), verbose=False, n_ctx=64, logits_all=True)
+    before = _scores(llm, b"abc")
+    with pytest.raises(ValueError):
+        llm.set_layer_order([0, 7])
+    assert llm.layer_order == [0, 1, 2, 3]
+    assert np.array_equal(_scores(llm, b"abc"), before)
+    llm.close()
+
+
+def test_c_api_error_codes(tiny):
+    """The C API returns error codes instead of aborting: a live context, a bad order, bad arguments."""
+    ffi, lib = _native.ffi_lib()
+    llm = Llama(str(tiny.path), verbose=False, n_ctx=64)
+    model = _native.model_ptr(llm._model)
+    assert lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", [0, 1]), 2) == -2  # llm's context is alive
+    llm._ctx.close()
+    assert lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", [0, 9]), 2) == -1  # out of range
+    assert lib.llama_model_set_layer_order(model, ffi.NULL, 3) == -1                      # no array
+    assert lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", [0]), -1) == -1    # negative length
+    assert lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", [3, 3]), 2) == 0
+    assert lib.llama_model_n_layer(model) == 2
+    assert lib.llama_model_n_layer_weights(model) == 4
+    assert lib.llama_model_set_layer_order(model, ffi.NULL, 0) == 0                       # file order
+    assert lib.llama_model_n_layer(model) == 4
+    llm.close()
+
+
+def test_two_models_with_different_orders_do_not_interfere(smollm2_path):
+    alone_a = _load(smollm2_path, layer_order=A)
+    want_a = _scores(alone_a)
+    alone_a.close()
+    alone_b = _load(smollm2_path, layer_order=B)
+    want_b = _scores(alone_b)
+    alone_b.close()
+
+    a = _load(smollm2_path, layer_order=A)
+    b = _load(smollm2_path, layer_order=B)
+    assert np.array_equal(_scores(a), want_a)
+    assert np.array_equal(_scores(b), want_b)
+    b.set_layer_order("29-20,9-0")  # re-ordering b (within its loaded layers) leaves a alone
+    assert np.array_equal(_scores(a), want_a)
+    assert a.layer_order == fresh_order(A)
+    a.close()
+    b.close()
