@@ -27,7 +27,7 @@ def _capture_errors() -> Iterator[list[str]]:
 
     @llama_cpp.llama_log_callback
     def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if level == 3:  # GGML_LOG_LEVEL_ERROR
+        if level == 4:  # GGML_LOG_LEVEL_ERROR (ggml.h; llama_cpp._logger lists an older numbering)
             errors.append(text.decode("utf-8", errors="replace").strip())
         llama_logger.llama_log_callback(level, text, user_data)
 

