@@ -38,7 +38,7 @@ class RawModel:
         self._embeddings = embeddings
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.use_mmap = use_mmap
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         self._overrides = None
         if kv_overrides:
             arr = (llama_cpp.llama_model_kv_override * (len(kv_overrides) + 1))()

@@ -1,12 +1,15 @@
-"""GGUF layer tools: write a layer order into a standalone model file.
+"""GGUF layer tools: stack fine-tunes into one file, write a layer order into a standalone model.
 
-``materialize`` copies the blocks of a model, byte for byte in their own quantization type, into
-the order given, so that any llama.cpp (unpatched included) runs the same network that
-``frankenllama.Llama(model, layer_order=order)`` runs in situ.  Reading and writing go through
-gguf-py; the source is memory-mapped and tensors are written one at a time, so memory stays flat
-whatever the model size.  The output is written to a temporary file beside the target and renamed
-only once complete: an interrupted run never leaves a partial model under the final name, and the
-input is never touched.
+``stack`` puts every block of several models of one architecture into one file, so that a layer
+order can pick each position from any of them.  ``materialize`` copies the blocks of a model,
+byte for byte in their own quantization type, into the order given, so that any llama.cpp
+(unpatched included) runs the same network that ``frankenllama.Llama(model, layer_order=order)``
+runs in situ.
+
+Reading and writing go through gguf-py.  Sources are memory-mapped and tensors are written one at
+a time, so memory stays flat whatever the model size.  Output goes to a temporary file beside the
+target, renamed only once complete: an interrupted run never leaves a partial model under the
+final name, and the inputs are never touched.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import gguf
-import numpy as np
 from tqdm import tqdm
 
 from .order import format_spec
@@ -27,34 +29,19 @@ from .recipes import Recipe, resolve
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 # architectures whose sliding-window layers follow a period unless the file lists them:
-# arch -> (default period, dense_first) as in llama.cpp's load_swa_pattern() calls
+# arch -> (default period, dense_first), as in llama.cpp's load_swa_pattern() calls
 SWA_PERIODS: dict[str, tuple[int, bool]] = {
     "gemma2": (2, False), "gemma3": (6, False), "gemma-embedding": (6, False), "cohere2": (4, False),
     "exaone4": (4, False), "olmo2": (4, False), "openai-moe": (2, False), "plamo3": (8, False),
     "mellum": (4, False), "muse-glimmer": (4, False), "modern-bert": (3, True),
 }
 
-#: metadata key recording the order a materialized or stacked file was built from
+#: metadata key recording the order a materialized file was built from
 SOURCE_ORDER_KEY = "frankenllama.source_layer_order"
+#: metadata key: per block of a stacked file, "<source file>:<layer>"
+BLOCK_SOURCES_KEY = "frankenllama.block_sources"
 
-
-def _field_value(field: gguf.ReaderField) -> Any:
-    return field.contents()
-
-
-def _swa_flags(reader: gguf.GGUFReader, arch: str, n_layer: int) -> list[bool] | None:
-    """Per weight layer: is it a sliding-window layer? None if the architecture has no SWA pattern."""
-    field = reader.get_field(f"{arch}.attention.sliding_window_pattern")
-    if field is not None and field.types[0] == gguf.GGUFValueType.ARRAY:
-        return [bool(v) for v in field.contents()]
-    if arch not in SWA_PERIODS or reader.get_field(f"{arch}.attention.sliding_window") is None:
-        return None
-    period, dense_first = SWA_PERIODS[arch]
-    if field is not None:
-        period = int(field.contents())
-    if dense_first:
-        return [period == 0 or il % period != 0 for il in range(n_layer)]
-    return [period == 0 or il % period < period - 1 for il in range(n_layer)]
+Plan = list[tuple[gguf.ReaderTensor, str]]  # source tensor, name in the output
 
 
 @contextlib.contextmanager
@@ -65,6 +52,8 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise FileNotFoundError(f"output folder does not exist: {path.parent}")
     if not os.access(path.parent, os.W_OK):
         raise PermissionError(f"output folder is not writable: {path.parent}")
+    if path.is_dir():
+        raise IsADirectoryError(f"output path is a folder: {path}")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -76,32 +65,100 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _open(path: str | Path) -> gguf.GGUFReader:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as err:  # gguf-py raises several types on broken files
-        raise ValueError(f"{path} is not a readable GGUF file: {err}") from None
+class _Source:
+    """A GGUF model opened for copying: metadata, blocks and the other tensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model file not found: {self.path}")
+        try:
+            self.reader = gguf.GGUFReader(self.path, "r")
+        except Exception as err:  # gguf-py raises several types on broken files
+            raise ValueError(f"{self.path} is not a readable GGUF file: {err}") from None
+        arch = self.field(gguf.Keys.General.ARCHITECTURE)
+        if not isinstance(arch, str):
+            raise ValueError(f"{self.path} has no general.architecture: not a llama.cpp model")
+        self.arch = arch
+        n_layer = self.field(f"{arch}.block_count")
+        if not isinstance(n_layer, int):
+            raise ValueError(f"{self.path} has no {arch}.block_count")
+        if (self.field(f"{arch}.nextn_predict_layers") or 0) > 0:
+            raise ValueError(f"{self.path}: models with nextn/MTP layers are not supported by the GGUF tools yet")
+        self.n_layer = n_layer
+        self.blocks: dict[int, list[gguf.ReaderTensor]] = {}
+        self.others: list[gguf.ReaderTensor] = []
+        for tensor in self.reader.tensors:
+            match = _BLOCK_TENSOR.match(tensor.name)
+            if match:
+                self.blocks.setdefault(int(match.group(1)), []).append(tensor)
+            else:
+                self.others.append(tensor)
+
+    def field(self, key: str) -> Any:
+        field = self.reader.get_field(key)
+        return None if field is None else field.contents()
+
+    def metadata(self) -> Iterator[tuple[str, Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
+        """(key, value, type, array item type) of every key a writer should copy."""
+        for field in self.reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            yield field.name, field.contents(), value_type, sub_type
+
+    def is_per_layer(self, key: str, value: Any, sub_type: Any) -> bool:
+        return sub_type is not None and (key.startswith(f"{self.arch}.") or key == BLOCK_SOURCES_KEY) \
+            and len(value) == self.n_layer
+
+    def swa_flags(self) -> list[bool] | None:
+        """Per block: is it a sliding-window layer? None if the architecture has no SWA pattern."""
+        key = f"{self.arch}.attention.sliding_window_pattern"
+        field = self.reader.get_field(key)
+        if field is not None and field.types[0] == gguf.GGUFValueType.ARRAY:
+            return [bool(v) for v in field.contents()]
+        if self.arch not in SWA_PERIODS or not self.field(f"{self.arch}.attention.sliding_window"):
+            return None
+        period, dense_first = SWA_PERIODS[self.arch]
+        if field is not None:
+            period = int(field.contents())
+        if dense_first:
+            return [period == 0 or il % period != 0 for il in range(self.n_layer)]
+        return [period == 0 or il % period < period - 1 for il in range(self.n_layer)]
+
+    def block_plan(self, layer: int, position: int) -> Plan:
+        return [(t, f"blk.{position}.{_BLOCK_TENSOR.match(t.name).group(2)}") for t in self.blocks.get(layer, [])]
 
 
-def _arch_and_depth(reader: gguf.GGUFReader, path: Path) -> tuple[str, int]:
-    arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
-    if arch_field is None:
-        raise ValueError(f"{path} has no general.architecture: not a llama.cpp model")
-    arch = str(arch_field.contents())
-    count = reader.get_field(f"{arch}.block_count")
-    if count is None:
-        raise ValueError(f"{path} has no {arch}.block_count")
-    nextn = reader.get_field(f"{arch}.nextn_predict_layers")
-    if nextn is not None and int(nextn.contents()) > 0:
-        raise ValueError(f"{path}: models with nextn/MTP layers cannot be materialized yet")
-    return arch, int(count.contents())
+def _write(out_path: Path, arch: str, endianess: Any, metadata: list[tuple[str, Any, Any, Any]],
+           plan: Plan, progress: bool, desc: str) -> None:
+    """Write metadata and tensors (streamed, one at a time) to out_path, atomically."""
+    with atomic_output(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch=arch, endianess=endianess)
+        for key, value, value_type, sub_type in metadata:
+            writer.add_key_value(key, value, value_type, sub_type=sub_type)
+        for tensor, name in plan:
+            writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with tqdm(total=sum(int(t.n_bytes) for t, _ in plan), unit="B", unit_scale=True, desc=desc,
+                  disable=not progress) as bar:
+            for tensor, _ in plan:
+                writer.write_tensor_data(tensor.data, tensor_endianess=endianess)
+                bar.update(int(tensor.n_bytes))
+        writer.close()
 
 
-def _copy_tensor(writer: gguf.GGUFWriter, tensor: gguf.ReaderTensor, name: str) -> None:
-    writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+def _array(key: str, values: list, item_type: gguf.GGUFValueType) -> tuple[str, Any, Any, Any]:
+    return key, values, gguf.GGUFValueType.ARRAY, item_type
+
+
+def _check_output(out_path: Path, inputs: Sequence[Path]) -> None:
+    for path in inputs:
+        if out_path.resolve() == path.resolve():
+            raise ValueError(f"the output would overwrite the input {path}; choose another output path")
 
 
 def materialize(model_path: str | Path, layer_order: Recipe, out_path: str | Path, *, progress: bool = True) -> list[int]:
@@ -109,82 +166,127 @@ def materialize(model_path: str | Path, layer_order: Recipe, out_path: str | Pat
 
     Blocks are copied byte for byte and renumbered, ``block_count`` becomes the order's length,
     every per-layer metadata array is remapped, sliding-window layers are listed explicitly (they
-    follow their weights, as in frankenllama), and the order is recorded under
-    ``frankenllama.source_layer_order``.  Returns the order written.
+    follow their weights, as in frankenllama; an order that runs none is written as a non-SWA
+    model), and the order is recorded under ``frankenllama.source_layer_order``.  A stacked file
+    is a valid input.  Returns the order written.
 
     Raises:
         ValueError: bad order or unreadable model; FileNotFoundError/PermissionError: bad output path.
     """
-    model_path, out_path = Path(model_path), Path(out_path)
-    if out_path.resolve() == model_path.resolve():
-        raise ValueError("the output would overwrite the input model; choose another output path")
-    reader = _open(model_path)
-    arch, n_layer = _arch_and_depth(reader, model_path)
-    order = resolve(layer_order, n_layer)
+    out_path = Path(out_path)
+    src = _Source(model_path)
+    _check_output(out_path, [src.path])
+    order = resolve(layer_order, src.n_layer)
+    arch = src.arch
+    swa = src.swa_flags()
+    runs_swa = swa is not None and any(swa[il] for il in order)
+    dropped = {f"{arch}.block_count", f"{arch}.layer_order", f"{arch}.attention.sliding_window_pattern",
+               SOURCE_ORDER_KEY}
+    if not runs_swa:
+        dropped.add(f"{arch}.attention.sliding_window")  # llama.cpp needs a file without SWA layers to be non-SWA
 
-    blocks: dict[int, list[gguf.ReaderTensor]] = {}
-    others: list[gguf.ReaderTensor] = []
-    for tensor in reader.tensors:
-        match = _BLOCK_TENSOR.match(tensor.name)
-        if match:
-            blocks.setdefault(int(match.group(1)), []).append(tensor)
-        else:
-            others.append(tensor)
+    metadata = []
+    for key, value, value_type, sub_type in src.metadata():
+        if key in dropped:
+            continue
+        if src.is_per_layer(key, value, sub_type):
+            value = [value[il] for il in order]
+        metadata.append((key, value, value_type, sub_type))
+    metadata.append((f"{arch}.block_count", len(order), gguf.GGUFValueType.UINT32, None))
+    if runs_swa:
+        metadata.append(_array(f"{arch}.attention.sliding_window_pattern", [swa[il] for il in order],
+                               gguf.GGUFValueType.BOOL))
+    metadata.append((SOURCE_ORDER_KEY, format_spec(order), gguf.GGUFValueType.STRING, None))
 
-    with atomic_output(out_path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
-        swa = _swa_flags(reader, arch, n_layer)
-        run_swa = swa is not None and any(swa[il] for il in order)
-        for field in reader.fields.values():
-            name = field.name
-            if name == gguf.Keys.General.ARCHITECTURE or name.startswith("GGUF."):
-                continue
-            if name in (f"{arch}.block_count", f"{arch}.layer_order", SOURCE_ORDER_KEY,
-                        f"{arch}.attention.sliding_window_pattern"):
-                continue
-            if name == f"{arch}.attention.sliding_window" and not run_swa:
-                continue  # no sliding-window layer runs: llama.cpp needs the file to be non-SWA
-            value_type = field.types[0]
-            value = _field_value(field)
-            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-            if sub_type is not None and name.startswith(f"{arch}.") and len(value) == n_layer:
-                value = [value[il] for il in order]  # a per-layer array
-            writer.add_key_value(name, value, value_type, sub_type=sub_type)
-        writer.add_uint32(f"{arch}.block_count", len(order))
-        if run_swa:
-            writer.add_array(f"{arch}.attention.sliding_window_pattern", [swa[il] for il in order])
-        writer.add_string(SOURCE_ORDER_KEY, format_spec(order))
-
-        plan: list[tuple[gguf.ReaderTensor, str]] = [(t, t.name) for t in others]
-        for pos, il in enumerate(order):
-            for tensor in blocks.get(il, []):
-                plan.append((tensor, f"blk.{pos}.{_BLOCK_TENSOR.match(tensor.name).group(2)}"))
-        for tensor, name in plan:
-            _copy_tensor(writer, tensor, name)
-
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total = sum(int(t.n_bytes) for t, _ in plan)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"materialize {out_path.name}",
-                  disable=not progress) as bar:
-            for tensor, _ in plan:
-                writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-                bar.update(int(tensor.n_bytes))
-        writer.close()
+    plan: Plan = [(t, t.name) for t in src.others]
+    for pos, il in enumerate(order):
+        plan += src.block_plan(il, pos)
+    _write(out_path, arch, src.reader.endianess, metadata, plan, progress, f"materialize {out_path.name}")
     return order
+
+
+def _compare(first: _Source, other: _Source) -> None:
+    """Raise ValueError naming the first way ``other`` cannot be stacked with ``first``."""
+    where = f"{other.path.name} vs {first.path.name}"
+    if other.arch != first.arch:
+        raise ValueError(f"cannot stack {where}: architecture {other.arch} vs {first.arch}")
+    if other.n_layer != first.n_layer:
+        raise ValueError(f"cannot stack {where}: {other.n_layer} vs {first.n_layer} blocks")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens"):
+        if other.field(key) != first.field(key):
+            raise ValueError(f"cannot stack {where}: different vocabulary ({key})")
+    for key, value, _, sub_type in first.metadata():
+        if not key.startswith(f"{first.arch}.") or key in (f"{first.arch}.layer_order",):
+            continue
+        if other.field(key) != value:
+            raise ValueError(f"cannot stack {where}: hyper-parameter {key} differs ({other.field(key)} vs {value})")
+    for il in range(first.n_layer):
+        shapes = {_BLOCK_TENSOR.match(t.name).group(2): tuple(t.shape) for t in first.blocks.get(il, [])}
+        other_shapes = {_BLOCK_TENSOR.match(t.name).group(2): tuple(t.shape) for t in other.blocks.get(il, [])}
+        if shapes != other_shapes:
+            diff = sorted(set(shapes.items()) ^ set(other_shapes.items()))
+            raise ValueError(f"cannot stack {where}: block {il} tensors differ ({diff[0][0]})")
+
+
+def stack(inputs: Sequence[str | Path], out_path: str | Path, *, base: int = 0, progress: bool = True) -> list[str]:
+    """Write one GGUF holding every block of every input: input k's block i becomes block k*N + i.
+
+    Tensors are copied byte for byte in their own quantization type (mixed types are fine).  The
+    non-block tensors (embeddings, output norm, output) come from ``inputs[base]``.  Per-layer
+    metadata arrays are concatenated, ``block_count`` is the total, ``<arch>.layer_order`` is set to
+    the first input's blocks (the file runs as that model by default), and the source of each block
+    is recorded under ``frankenllama.block_sources``.  Returns those block sources.
+
+    Raises:
+        ValueError: fewer than two inputs, or inputs that differ in architecture, depth, vocabulary,
+            hyper-parameters or block tensor shapes (the message names the mismatch).
+    """
+    if len(inputs) < 2:
+        raise ValueError("stack needs at least two models")
+    if not 0 <= base < len(inputs):
+        raise ValueError(f"base {base} is not the index of an input (0-{len(inputs) - 1})")
+    out_path = Path(out_path)
+    sources = [_Source(path) for path in inputs]
+    _check_output(out_path, [s.path for s in sources])
+    first = sources[0]
+    for other in sources[1:]:
+        _compare(first, other)
+    arch, n_layer = first.arch, first.n_layer
+    n_total = n_layer * len(sources)
+    block_sources = [f"{s.path.name}:{il}" for s in sources for il in range(n_layer)]
+    swa = [s.swa_flags() for s in sources]
+
+    metadata = []
+    per_layer: dict[str, list] = {}
+    dropped = {f"{arch}.block_count", f"{arch}.layer_order", f"{arch}.attention.sliding_window_pattern",
+               BLOCK_SOURCES_KEY, SOURCE_ORDER_KEY}
+    for key, value, value_type, sub_type in sources[base].metadata():
+        if key in dropped:
+            continue
+        if sources[base].is_per_layer(key, value, sub_type):
+            per_layer[key] = [v for s in sources for v in s.field(key)]
+            value = per_layer[key]
+        metadata.append((key, value, value_type, sub_type))
+    metadata.append((f"{arch}.block_count", n_total, gguf.GGUFValueType.UINT32, None))
+    metadata.append(_array(f"{arch}.layer_order", list(range(n_layer)), gguf.GGUFValueType.INT32))
+    if swa[0] is not None:
+        metadata.append(_array(f"{arch}.attention.sliding_window_pattern", [f for flags in swa for f in flags],
+                               gguf.GGUFValueType.BOOL))
+    metadata.append(_array(BLOCK_SOURCES_KEY, block_sources, gguf.GGUFValueType.STRING))
+
+    plan: Plan = [(t, t.name) for t in sources[base].others]
+    for k, src in enumerate(sources):
+        for il in range(n_layer):
+            plan += src.block_plan(il, k * n_layer + il)
+    _write(out_path, arch, first.reader.endianess, metadata, plan, progress, f"stack {out_path.name}")
+    return block_sources
 
 
 def tensor_bytes_per_layer(model_path: str | Path) -> dict[int, int]:
     """Bytes of the tensors of each block, from the GGUF tensor table."""
-    reader = _open(model_path)
-    sizes: dict[int, int] = {}
-    for tensor in reader.tensors:
-        match = _BLOCK_TENSOR.match(tensor.name)
-        if match:
-            sizes[int(match.group(1))] = sizes.get(int(match.group(1)), 0) + int(tensor.n_bytes)
-    return sizes
+    src = _Source(model_path)
+    return {il: sum(int(t.n_bytes) for t in tensors) for il, tensors in src.blocks.items()}
 
 
-__all__: Sequence[str] = ["materialize", "atomic_output", "tensor_bytes_per_layer", "SOURCE_ORDER_KEY"]
-_ = np  # numpy arrays come back from gguf-py readers
+__all__ = ["materialize", "stack", "atomic_output", "tensor_bytes_per_layer", "SOURCE_ORDER_KEY",
+           "BLOCK_SOURCES_KEY", "SWA_PERIODS"]

@@ -82,6 +82,12 @@ class Llama(llama_cpp.Llama):
                     raise ValueError(f"{err}: {_load_error(errors)}") from None
                 raise
 
+        if self.lora_path and not self._lora_adapter:
+            # llama-cpp-python 0.3.36 tests the adapter against None, so a failed load (a NULL
+            # pointer) would be registered and crash the first decode
+            self.close()
+            raise ValueError(f"failed to load the LoRA adapter {self.lora_path}: {_load_error(errors)}")
+
         if requested is not None:
             applied = self.layer_order
             if applied != requested:
