@@ -10,12 +10,13 @@ everything else goes through ``llama_cpp``.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import cffi
 
@@ -25,6 +26,9 @@ LLAMA_CPP_COMMIT = "0c1e57098"
 LAYER_ORDER_VERSION = "1"
 
 _LIB_DIR_ENV = "FRANKENLLAMA_LIB_DIR"  # use another build of the patched library (development)
+
+#: ggml_log_level (ggml.h): llama_cpp._logger documents an older numbering
+GGML_LOG_LEVEL_ERROR = 4
 
 _CDEF = """
 struct llama_model;
@@ -132,3 +136,34 @@ def parse_spec_native(spec: str, n_layers: int) -> list[int]:
     if n < 0:
         raise ValueError(ffi.string(err).decode())
     return list(order[0:n])
+
+
+_log_callbacks: list[Any] = []  # active recording callbacks, innermost last (ctypes needs them alive)
+
+
+@contextlib.contextmanager
+def capture_llama_log() -> Iterator[list[tuple[int, str]]]:
+    """Record llama.cpp's log as (level, text) while the block runs; it still reaches llama_cpp's logger."""
+    import llama_cpp
+    import llama_cpp._logger as llama_logger
+
+    records: list[tuple[int, str]] = []
+    forward = _log_callbacks[-1] if _log_callbacks else llama_logger.llama_log_callback
+
+    @llama_cpp.llama_log_callback
+    def record(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        records.append((level, text.decode("utf-8", errors="replace")))
+        forward(level, text, user_data)
+
+    _log_callbacks.append(record)
+    llama_cpp.llama_log_set(record, ctypes.c_void_p(0))
+    try:
+        yield records
+    finally:
+        _log_callbacks.remove(record)
+        llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
+
+
+def log_errors(records: list[tuple[int, str]]) -> list[str]:
+    """The error lines of a captured log."""
+    return [text.strip() for level, text in records if level == GGML_LOG_LEVEL_ERROR]

@@ -149,26 +149,15 @@ def _read_stats(path: str | Path) -> _ModelStats:
     head_count.  Per-layer arrays are honoured.  This is the full-attention size: sliding-window
     layers may keep a shorter cache and recurrent state is not counted.
     """
-    from .gguf_tools import _BLOCK_TENSOR, _open
+    from .gguf_tools import ModelFile
 
     path = Path(path)
     info = read_gguf_info(path)  # friendly errors for missing or broken files
-    reader = _open(path)
+    model = ModelFile(path)
     arch, n_layer = info.arch, info.n_layer
-
-    def field(key: str) -> Any:
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    layer_bytes: dict[int, int] = {}
-    other = 0
-    for tensor in reader.tensors:
-        match = _BLOCK_TENSOR.match(tensor.name)
-        if match:
-            il = int(match.group(1))
-            layer_bytes[il] = layer_bytes.get(il, 0) + int(tensor.n_bytes)
-        else:
-            other += int(tensor.n_bytes)
+    field = model.field
+    layer_bytes = {il: sum(int(t.n_bytes) for t in tensors) for il, tensors in model.blocks.items()}
+    other = sum(int(t.n_bytes) for t in model.others)
 
     n_embd = field(f"{arch}.embedding_length")
     n_head = _per_layer(field(f"{arch}.attention.head_count"), n_layer, None)
@@ -267,63 +256,11 @@ def _native_log(verbose: bool) -> Iterator[None]:
         yield
 
 
-_NATIVE_ERRORS: list[str] = []
-_NATIVE_CALLBACK: Any = None      # kept alive for as long as llama.cpp may call it
-_NATIVE_FORWARD: list[Any] = [None]  # the callback the recorder forwards to
-
-
-@contextlib.contextmanager
-def _native_errors() -> Iterator[list[str]]:
-    """Collect llama.cpp's error log lines (ggml level 4) while loading.
-
-    ``Llama`` forwards every log line to ``llama_cpp._logger.llama_log_callback``; swapping that
-    attribute for a recording callback lets the CLI name the reason of a failed load even when the
-    exception only says "see the llama.cpp log above" (a log that ``verbose=False`` hides).
-    """
-    global _NATIVE_CALLBACK
-    import ctypes
-
-    import llama_cpp
-    import llama_cpp._logger as llama_logger
-
-    original = llama_logger.llama_log_callback
-    if _NATIVE_CALLBACK is None:
-        @llama_cpp.llama_log_callback
-        def record(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if level == 4:  # GGML_LOG_LEVEL_ERROR in this ggml (NONE, DEBUG, INFO, WARN, ERROR, CONT)
-                _NATIVE_ERRORS.append(text.decode("utf-8", errors="replace").strip())
-            _NATIVE_FORWARD[0](level, text, user_data)
-
-        _NATIVE_CALLBACK = record
-    _NATIVE_FORWARD[0] = original
-    _NATIVE_ERRORS.clear()
-    llama_logger.llama_log_callback = _NATIVE_CALLBACK
-    llama_cpp.llama_log_set(_NATIVE_CALLBACK, ctypes.c_void_p(0))
-    try:
-        yield _NATIVE_ERRORS
-    finally:
-        llama_logger.llama_log_callback = original
-        llama_cpp.llama_log_set(original, ctypes.c_void_p(0))
-
-
-def _explain(err: ValueError, errors: list[str]) -> ValueError:
-    """Put the native reason into a load error that only points at the (hidden) log."""
-    message = str(err)
-    if "see the llama.cpp log above" not in message or not errors:
-        return err
-    reason = next((line[line.index("layer_order:"):] for line in errors if "layer_order:" in line),
-                  errors[0])
-    return ValueError(message.replace("see the llama.cpp log above", reason))
-
-
 def _new_llama(model: Path | str, order: Sequence[int] | None, verbose: bool, **kwargs: Any) -> Any:
     from .llama import Llama
 
-    with _native_log(verbose), _native_errors() as errors:
-        try:
-            return Llama(str(model), layer_order=order, verbose=verbose, **kwargs)
-        except ValueError as err:
-            raise _explain(err, list(errors)) from None
+    with _native_log(verbose):
+        return Llama(str(model), layer_order=order, verbose=verbose, **kwargs)
 
 
 def _load(model: Path | str, order: Sequence[int] | None, *, verbose: bool = False, **kwargs: Any) -> Any:
@@ -406,8 +343,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     order = _resolve_order(args, info.n_layer)
     if args.n_predict < 1:
         raise ValueError(f"--n-predict must be at least 1, got {args.n_predict}")
+    rpc = [e.strip() for e in args.rpc.split(",") if e.strip()] if args.rpc else None
     llm = _load(model, order, n_gpu_layers=args.n_gpu_layers, n_ctx=args.ctx_size, n_threads=args.threads,
-                n_threads_batch=args.threads, seed=args.seed, verbose=args.verbose)
+                n_threads_batch=args.threads, seed=args.seed, verbose=args.verbose, rpc_servers=rpc)
     try:
         result = _generate(llm, args.prompt, n_predict=args.n_predict, temperature=args.temp,
                            chat=args.chat, write=_write_stdout)
@@ -633,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_order_args(p)
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                    help="weight layers to offload to the GPU (-1: all; default 0)")
+    p.add_argument("--rpc", metavar="HOST:PORT,...",
+                   help="llama.cpp RPC servers to offload to (start them with frankenllama-rpc-server)")
     p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N",
                    help="context size (default 2048)")
     p.add_argument("-t", "--threads", type=int, metavar="N",

@@ -65,7 +65,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-class _Source:
+class ModelFile:
     """A GGUF model opened for copying: metadata, blocks and the other tensors."""
 
     def __init__(self, path: str | Path) -> None:
@@ -174,7 +174,7 @@ def materialize(model_path: str | Path, layer_order: Recipe, out_path: str | Pat
         ValueError: bad order or unreadable model; FileNotFoundError/PermissionError: bad output path.
     """
     out_path = Path(out_path)
-    src = _Source(model_path)
+    src = ModelFile(model_path)
     _check_output(out_path, [src.path])
     order = resolve(layer_order, src.n_layer)
     arch = src.arch
@@ -205,7 +205,7 @@ def materialize(model_path: str | Path, layer_order: Recipe, out_path: str | Pat
     return order
 
 
-def _compare(first: _Source, other: _Source) -> None:
+def _compare(first: ModelFile, other: ModelFile) -> None:
     """Raise ValueError naming the first way ``other`` cannot be stacked with ``first``."""
     where = f"{other.path.name} vs {first.path.name}"
     if other.arch != first.arch:
@@ -246,7 +246,7 @@ def stack(inputs: Sequence[str | Path], out_path: str | Path, *, base: int = 0, 
     if not 0 <= base < len(inputs):
         raise ValueError(f"base {base} is not the index of an input (0-{len(inputs) - 1})")
     out_path = Path(out_path)
-    sources = [_Source(path) for path in inputs]
+    sources = [ModelFile(path) for path in inputs]
     _check_output(out_path, [s.path for s in sources])
     first = sources[0]
     for other in sources[1:]:
@@ -284,9 +284,9 @@ def stack(inputs: Sequence[str | Path], out_path: str | Path, *, base: int = 0, 
 
 def tensor_bytes_per_layer(model_path: str | Path) -> dict[int, int]:
     """Bytes of the tensors of each block, from the GGUF tensor table."""
-    src = _Source(model_path)
+    src = ModelFile(model_path)
     return {il: sum(int(t.n_bytes) for t in tensors) for il, tensors in src.blocks.items()}
 
 
-__all__ = ["materialize", "stack", "atomic_output", "tensor_bytes_per_layer", "SOURCE_ORDER_KEY",
+__all__ = ["ModelFile", "materialize", "stack", "atomic_output", "tensor_bytes_per_layer", "SOURCE_ORDER_KEY",
            "BLOCK_SOURCES_KEY", "SWA_PERIODS"]

@@ -8,42 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import llama_cpp
 import llama_cpp._internals as internals
-import llama_cpp._logger as llama_logger
 
 from . import _native
 from .gguf_info import GGUFInfo, read_gguf_info
 from .order import format_spec, override_keys
 from .recipes import Recipe, resolve
+from .rpc import add_rpc_servers
 
 
-@contextlib.contextmanager
-def _capture_errors() -> Iterator[list[str]]:
-    """Collect llama.cpp's error log lines (still printed as llama_cpp would) while loading."""
-    errors: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if level == 4:  # GGML_LOG_LEVEL_ERROR (ggml.h; llama_cpp._logger lists an older numbering)
-            errors.append(text.decode("utf-8", errors="replace").strip())
-        llama_logger.llama_log_callback(level, text, user_data)
-
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield errors
-    finally:
-        llama_cpp.llama_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
-def _load_error(errors: list[str]) -> str:
-    """The most specific line of a failed load: the layer_order message, else the last error."""
+def _load_error(log: list[tuple[int, str]]) -> str:
+    """The most specific line of a failed load: the layer_order message, else the first error."""
+    errors = _native.log_errors(log)
     for line in errors:
         if "layer_order:" in line:
             return line[line.index("layer_order:"):]
-    return errors[-1] if errors else "see the llama.cpp log above"
+    return errors[0] if errors else "see the llama.cpp log above"
 
 
 class Llama(llama_cpp.Llama):
@@ -58,23 +41,29 @@ class Llama(llama_cpp.Llama):
             mergekit passthrough YAML or a Llama Blocks block file.  Execution position ``p`` runs
             weight layer ``order[p]``; each position has its own KV cache and a repeated layer shares
             its weights.  Weight layers the order does not run are not loaded.
+        rpc_servers: llama.cpp RPC servers (``"host:port"``) to register as devices before loading,
+            like llama.cpp's ``--rpc``; ``n_gpu_layers`` then offloads weight layers to them.
         **kwargs: every other ``llama_cpp.Llama`` argument, unchanged.
 
     Raises:
         ValueError: the order is malformed or out of range, conflicts with ``kv_overrides``, or
             the model cannot run it (the message names the problem).
+        ConnectionError: an RPC server does not answer.
     """
 
-    def __init__(self, model_path: str, *, layer_order: Recipe | None = None, **kwargs: Any) -> None:
+    def __init__(self, model_path: str, *, layer_order: Recipe | None = None,
+                 rpc_servers: Sequence[str] | None = None, **kwargs: Any) -> None:
         self._stack = contextlib.ExitStack()  # llama_cpp.Llama.__del__ needs it if we raise before super()
         self._gguf_info: GGUFInfo | None = None
+        if rpc_servers:
+            add_rpc_servers(rpc_servers)
         requested: list[int] | None = None
         if layer_order is not None:
             info = self._gguf_info = read_gguf_info(model_path)
             requested = resolve(layer_order, info.n_layer)
             kwargs["kv_overrides"] = _merge_overrides(kwargs.get("kv_overrides"), override_keys(info.arch, requested))
 
-        with _capture_errors() as errors:
+        with _native.capture_llama_log() as errors:
             try:
                 super().__init__(model_path, **kwargs)
             except ValueError as err:
@@ -113,7 +102,8 @@ class Llama(llama_cpp.Llama):
         return list(order)
 
     def layer_devices(self) -> list[str]:
-        """Name of the device holding each execution position's weights and KV cache."""
+        """Name of the device of each execution position: where its weights live and where its K/V
+        cache is allocated (``CPU``, ``CUDA0``, ``RPC0``, ...)."""
         ffi, lib = _native.ffi_lib()
         model = _native.model_ptr(self._model)
         return [ffi.string(lib.llama_model_dev_layer_name(model, p)).decode()
@@ -141,7 +131,7 @@ class Llama(llama_cpp.Llama):
             )
 
         self._ctx.close()
-        with _capture_errors() as errors:
+        with _native.capture_llama_log() as errors:
             rc = lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", order), len(order))
         self._ctx = self._stack.enter_context(contextlib.closing(
             internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)))

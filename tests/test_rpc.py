@@ -1,0 +1,123 @@
+"""Offload through llama.cpp's RPC backend: a real non-CPU device on a machine without a GPU.
+
+RPC servers run on 127.0.0.1 only, started and stopped by fixtures. Registering a server is
+process-wide in llama.cpp, so every check runs in a child process (``rpc_child.py``): the test
+session's own models never see the RPC devices.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from frankenllama.rpc import rpc_server_path
+
+TESTS = Path(__file__).resolve().parent
+ORDER = "0-29,8-22"      # 1.5x self-merge of SmolLM2 (45 positions)
+PRUNED = "0-19,25-29"    # 5 weight layers left out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server() -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([str(rpc_server_path()), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("rpc-server did not start listening within 20 s")
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[list[str]]:
+    started = [_start_server() for _ in range(2)]
+    yield [endpoint for _, endpoint in started]
+    for proc, _ in started:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _child(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
+    return subprocess.run([sys.executable, str(TESTS / "rpc_child.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def _report(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("n_gpu_layers", [16, 99], ids=["partial", "full"])
+def test_kv_on_the_weight_device_and_bit_identical(smollm2_path, servers, n_gpu_layers):
+    rep = _report(_child("offload", smollm2_path, ORDER, str(n_gpu_layers), servers[0]))
+    order, devices, weight_dev = rep["order"], rep["devices"], rep["weight_devices"]
+    assert len(devices) == len(order) == 45
+    for p, il in enumerate(order):
+        assert devices[p] == weight_dev[il], f"position {p} (weight {il}) on {devices[p]}, weights on {weight_dev[il]}"
+    assert "RPC0" in devices
+    if n_gpu_layers == 16:
+        assert "CPU" in devices and weight_dev[14] == "CPU" and weight_dev[15] == "RPC0"
+    # the K/V buffers really are split that way: bytes per device = positions on it x bytes per position
+    kv = rep["kv_buffer_mib"]
+    per_position = sum(kv.values()) / len(order)
+    for dev, mib in kv.items():
+        assert abs(mib - per_position * devices.count(dev)) < 0.02, (dev, mib, devices.count(dev))
+    assert rep["identical_batch"] and rep["identical_incremental"]
+
+
+def test_two_servers_split_the_layers(smollm2_path, servers):
+    rep = _report(_child("offload", smollm2_path, ORDER, "99", *servers))
+    devices, weight_dev = rep["devices"], rep["weight_devices"]
+    assert {"RPC0", "RPC1"} <= set(devices) or len(set(devices) - {"CPU"}) == 2
+    for p, il in enumerate(rep["order"]):
+        assert devices[p] == weight_dev[il]
+    assert rep["identical_batch"] and rep["identical_incremental"]
+
+
+def test_pruned_layers_are_not_uploaded(smollm2_path, servers):
+    rep = _report(_child("upload", smollm2_path, PRUNED, servers[0]))
+    dropped = rep["dropped_layer_mib"]
+    assert dropped > 5
+    assert abs((rep["full_rpc_mib"] - rep["pruned_rpc_mib"]) - dropped) < 0.05, rep
+
+
+def test_unreachable_server_is_a_python_error(smollm2_path):
+    rep = _report(_child("unreachable", smollm2_path, f"127.0.0.1:{_free_port()}"))
+    assert rep["error"] == "ConnectionError"
+    assert "does not answer" in rep["message"]
+    assert rep["alive"]
+
+
+def test_server_dying_mid_generation_aborts_the_process(smollm2_path):
+    """Documents llama.cpp's behaviour (README): the RPC client aborts the process when its server
+    dies during generation ("Remote RPC server crashed or returned malformed response")."""
+    proc = _child("server-dies", smollm2_path)
+    assert proc.returncode != 0
+    assert "Remote RPC server crashed" in proc.stderr or "Failed to" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_cli_rpc_unreachable_is_one_line_error(tiny, capsys):
+    from frankenllama.cli import main
+
+    rc = main(["run", "-m", str(tiny.path), "-p", "hi", "-n", "1", "-ngl", "99", "--rpc", f"127.0.0.1:{_free_port()}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip().splitlines()[-1].startswith("frankenllama: error: RPC server")
