@@ -119,6 +119,19 @@ class RawModel:
             self.model = None
 
 
+def identical(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
+    """Per-sequence logits equal bit for bit (same shapes, max |diff| == 0)."""
+    return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def assert_identical(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> None:
+    """Assert ``identical``, reporting the largest difference."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape, (x.shape, y.shape)
+        assert np.array_equal(x, y), f"max |diff| = {np.abs(x - y).max()}"
+
+
 def sequences_batch(seqs: Sequence[Sequence[int]]) -> list[Step]:
     """All tokens of several sequences in one batch."""
     return [Step(tok, pos, s) for s, toks in enumerate(seqs) for pos, tok in enumerate(toks)]

@@ -25,7 +25,7 @@ import pytest
 import frankenllama
 from frankenllama.gguf_tools import materialize
 from frankenllama.order import override_keys
-from lowlevel import RawModel, run
+from lowlevel import RawModel, assert_identical, run
 from tiny_archs import ARCHS, REFUSED_ARCH, write_tiny
 
 N_LAYER = 4
@@ -63,14 +63,6 @@ def _logits(path, mode: str, kv_overrides=None) -> list[np.ndarray]:
         model.close()
 
 
-def _assert_identical(a: list[np.ndarray], b: list[np.ndarray]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.shape == y.shape
-        assert np.all(np.isfinite(x))
-        assert np.array_equal(x, y), f"max |diff| = {np.abs(x - y).max()}"
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("tiny-archs")
@@ -93,14 +85,14 @@ def twins(models, tmp_path_factory) -> dict[tuple[str, str], str]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_identity_order_equals_no_order(models, arch, mode):
     identity = _logits(models[arch], mode, override_keys(arch, list(range(N_LAYER))))
-    _assert_identical(identity, _logits(models[arch], mode))
+    assert_identical(identity, _logits(models[arch], mode))
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch,name", CASES)
 def test_in_situ_equals_materialized(models, twins, arch, name, mode):
     in_situ = _logits(models[arch], mode, override_keys(arch, _order(arch, name)))
-    _assert_identical(in_situ, _logits(twins[arch, name], mode))
+    assert_identical(in_situ, _logits(twins[arch, name], mode))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -122,7 +114,7 @@ def test_refused_architecture_fails_clearly(models):
         frankenllama.Llama(path, layer_order=[0, 1, 2, 1, 2, 3], n_ctx=N_CTX, verbose=False)
     assert REFUSED_ARCH in str(err.value)
 
-    _assert_identical(_logits(path, "batch", override_keys(REFUSED_ARCH, list(range(N_LAYER)))),
+    assert_identical(_logits(path, "batch", override_keys(REFUSED_ARCH, list(range(N_LAYER)))),
                       _logits(path, "batch"))
     llm = frankenllama.Llama(path, layer_order=list(range(N_LAYER)), n_ctx=N_CTX, verbose=False)
     try:

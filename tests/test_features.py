@@ -6,19 +6,17 @@ bit for bit.
 """
 from __future__ import annotations
 
-import ctypes
 import re
 
 import llama_cpp
-import llama_cpp._logger as llama_logger
 import numpy as np
 import pytest
 
-from frankenllama import Llama
+from frankenllama import Llama, _native
 from frankenllama.gguf_tools import materialize, tensor_bytes_per_layer
 from frankenllama.order import override_keys, parse_spec
 from lora_adapter import write_lora_pair
-from lowlevel import RawModel, run
+from lowlevel import RawModel, assert_identical, run
 
 TINY_SEQS = [[1, 75, 108, 229, 153, 132, 119, 107, 104, 117], [1, 40, 41, 42, 43, 44, 45]]
 TINY_PROMPT = TINY_SEQS[0]
@@ -39,12 +37,6 @@ def _eval_scores(llm: Llama, *chunks: list[int]) -> np.ndarray:
     for chunk in chunks:
         llm.eval(chunk)
     return np.array(llm.scores[: llm.n_tokens])
-
-
-def _assert_identical(a, b):
-    for x, y in zip(a, b):
-        assert x.shape == y.shape
-        assert np.array_equal(x, y), f"max |diff| = {np.abs(x - y).max()}"
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +126,7 @@ def test_embeddings_with_order(tiny, tiny_twin, mode):
         for m in (in_situ, twin, other):
             m.close()
     assert got[0].shape == (len(TINY_SEQS[0]), tiny.n_embd)
-    _assert_identical(got, want)
+    assert_identical(got, want)
     assert np.abs(got[0] - differ[0]).max() > 1e-2  # the comparison can fail
 
 
@@ -224,7 +216,7 @@ def test_kv_types_and_flash_attention(smollm2_path, smol_twin, config, mode):
         in_situ.close()
         twin.close()
     assert np.all(np.isfinite(got[0]))
-    _assert_identical(got, want)
+    assert_identical(got, want)
 
 
 # --------------------------------------------------------------------------- 5. saving a reordered model
@@ -302,47 +294,16 @@ def test_gemma3_full_attention_only_generates(gemma3_path):
 
 # --------------------------------------------------------------------------- 8. unreferenced layers not loaded
 
-_LOG_LINES: list[str] = []
-
-
-@llama_cpp.llama_log_callback
-def _log_to_list(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    _LOG_LINES.append(text.decode("utf-8", errors="replace"))
-
-
 _BUF = re.compile(r"model buffer size =\s*([0-9.]+) MiB")
 
 
-def _load_model_no_mmap(path: str, spec: str) -> None:
-    """Load (and free) a model with ``spec`` read into memory, not mmapped: llama.cpp 0c1e57098 replaced
-    ``use_mmap`` by ``load_mode``, so tests/lowlevel.py's ``RawModel(use_mmap=False)`` still maps the file."""
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
-    overrides = override_keys("llama", parse_spec(spec))
-    arr = (llama_cpp.llama_model_kv_override * (len(overrides) + 1))()
-    for i, (key, value) in enumerate(overrides.items()):
-        arr[i].key = key.encode()
-        arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-        raw = value.encode()
-        ctypes.memmove(ctypes.addressof(arr[i].value), raw, len(raw))
-    arr[len(overrides)].key = b"\0"
-    mparams.kv_overrides = arr
-    model = llama_cpp.llama_model_load_from_file(path.encode(), mparams)
-    assert model, f"failed to load {path} with {spec}"
-    assert llama_cpp.llama_model_n_layer(model) == len(parse_spec(spec))
-    llama_cpp.llama_model_free(model)
-
-
 def _model_buffer_mib(path: str, spec: str) -> float:
-    """Sum of the 'model buffer size' lines llama.cpp logs while loading ``path`` with ``spec``."""
-    _LOG_LINES.clear()
-    llama_cpp.llama_log_set(_log_to_list, ctypes.c_void_p(0))
-    try:
-        _load_model_no_mmap(path, spec)
-    finally:
-        llama_cpp.llama_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
-    assert any("load_mode = none" in line for line in _LOG_LINES), "the model was not read into memory"
-    sizes = [float(m.group(1)) for line in _LOG_LINES for m in [_BUF.search(line)] if m]
+    """Sum of the 'model buffer size' lines llama.cpp logs while reading ``path`` into memory with ``spec``."""
+    with _native.capture_llama_log() as log:
+        RawModel(path, kv_overrides=override_keys("llama", parse_spec(spec)), n_ctx=64, use_mmap=False).close()
+    lines = [text for _, text in log]
+    assert any("load_mode = none" in line for line in lines), "the model was not read into memory"
+    sizes = [float(m.group(1)) for line in lines for m in [_BUF.search(line)] if m]
     assert sizes, "no 'model buffer size' line in the log"
     return sum(sizes)
 

@@ -18,7 +18,7 @@ from frankenllama import gguf_tools
 from frankenllama.cli import main as cli_main
 from frankenllama.gguf_tools import BLOCK_SOURCES_KEY, materialize, stack
 from frankenllama.order import override_keys
-from lowlevel import RawModel, run
+from lowlevel import RawModel, identical, run
 from tiny_model import write_tiny_llama
 
 SEQS = [[1, 75, 108, 229, 153, 132, 119, 107, 104, 117], [1, 40, 41, 42]]
@@ -30,10 +30,6 @@ def _logits(path, order=None, mode="batch", seqs=SEQS):
         return run(model, seqs, mode), model.n_layer()
     finally:
         model.close()
-
-
-def _identical(a, b):
-    return all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def _sha(path) -> str:
@@ -77,10 +73,10 @@ def test_stacked_file_runs_each_input(two_tunes, mode):
     a, b, stacked = two_tunes
     by_default, n = _logits(stacked, mode=mode)
     assert n == 4
-    assert _identical(by_default, _logits(a, mode=mode)[0])
+    assert identical(by_default, _logits(a, mode=mode)[0])
     as_b, _ = _logits(stacked, [4, 5, 6, 7], mode=mode)
-    assert _identical(as_b, _logits(b, mode=mode)[0])
-    assert not _identical(by_default, as_b)
+    assert identical(as_b, _logits(b, mode=mode)[0])
+    assert not identical(by_default, as_b)
 
 
 @pytest.mark.parametrize("mode", ["batch", "incremental"])
@@ -91,7 +87,7 @@ def test_mixed_order_matches_its_materialized_twin(two_tunes, tmp_path, mode):
     materialize(stacked, mixed, twin, progress=False)
     in_situ, n = _logits(stacked, mixed, mode=mode)
     assert n == len(mixed)
-    assert _identical(in_situ, _logits(twin, mode=mode)[0])
+    assert identical(in_situ, _logits(twin, mode=mode)[0])
 
 
 def test_stack_metadata(two_tunes):
@@ -114,7 +110,7 @@ def test_smollm2_stacked_with_itself(smollm2_path, tmp_path):
     want, _ = _logits(smollm2_path, seqs=seqs)
     got, n = _logits(stacked, list(range(30, 60)), seqs=seqs)
     assert n == 30
-    assert _identical(got, want)
+    assert identical(got, want)
 
 
 def test_materialize_is_byte_exact_for_quantized_blocks(smollm2_path, tmp_path):
@@ -215,4 +211,4 @@ def test_cli_stack_and_materialize(two_tunes, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     twin = tmp_path / "cli-twin.gguf"
     assert cli_main(["materialize", str(out), "--layer-order", "4-7", "-o", str(twin), "-q"]) == 0
-    assert _identical(_logits(twin)[0], _logits(b)[0])
+    assert identical(_logits(twin)[0], _logits(b)[0])

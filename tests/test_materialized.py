@@ -12,7 +12,7 @@ import pytest
 
 from frankenllama.gguf_tools import materialize
 from frankenllama.order import override_keys, parse_spec
-from lowlevel import RawModel, run
+from lowlevel import RawModel, assert_identical, run
 
 from conftest import run_stock
 
@@ -37,12 +37,6 @@ def _logits(path, mode, kv_overrides=None, seqs=(PROMPT,), **kw):
         model.close()
 
 
-def _assert_identical(a, b):
-    for x, y in zip(a, b):
-        assert x.shape == y.shape
-        assert np.array_equal(x, y), f"max |diff| = {np.abs(x - y).max()}"
-
-
 @pytest.fixture(scope="module")
 def smol_twins(smollm2_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("smol-twins")
@@ -57,7 +51,7 @@ def test_smollm2_in_situ_equals_materialized(smollm2_path, smol_twins, name, mod
     order = parse_spec(spec)
     in_situ = _logits(smollm2_path, mode, override_keys("llama", order))
     twin = _logits(smol_twins[name], mode)
-    _assert_identical(in_situ, twin)
+    assert_identical(in_situ, twin)
 
 
 def test_different_orders_differ(smollm2_path, smol_twins):
@@ -78,7 +72,7 @@ def test_kv_per_position_against_stock_library(smollm2_path, smol_twins, stock_l
     run_stock(stock_lib_dir, ["--model", twin, "--seqs", json.dumps(seqs), "--mode", mode, "--out", str(out)])
     stock = [np.load(out)[f"arr_{i}"] for i in range(len(seqs))]
     in_situ = _logits(smollm2_path, mode, override_keys("llama", parse_spec(SMOL_ORDERS["1.5x-self-merge"])), seqs=seqs)
-    _assert_identical(in_situ, stock)
+    assert_identical(in_situ, stock)
 
 
 def test_no_order_equals_stock_library(smollm2_path, stock_lib_dir, tmp_path):
@@ -87,7 +81,7 @@ def test_no_order_equals_stock_library(smollm2_path, stock_lib_dir, tmp_path):
     for mode in ("batch", "incremental"):
         run_stock(stock_lib_dir, ["--model", smollm2_path, "--seqs", json.dumps([PROMPT]), "--mode", mode,
                                   "--out", str(out)])
-        _assert_identical(_logits(smollm2_path, mode), [np.load(out)["arr_0"]])
+        assert_identical(_logits(smollm2_path, mode), [np.load(out)["arr_0"]])
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +98,7 @@ def test_gemma3_in_situ_equals_materialized(gemma3_path, gemma_twins, name, mode
     order = parse_spec(GEMMA_ORDERS[name])
     in_situ = _logits(gemma3_path, mode, override_keys("gemma3", order), n_ctx=256)
     twin = _logits(gemma_twins[name], mode, n_ctx=256)
-    _assert_identical(in_situ, twin)
+    assert_identical(in_situ, twin)
 
 
 def test_gemma3_incremental_close_to_batch(gemma3_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tiny_model import BOS_ID, EOS_ID, UNK_ID, _vocab
+from tiny_model import add_tokenizer
 
 ARCHS = ("qwen2", "qwen3", "gemma2", "phi3", "mamba", "jamba")
 #: an architecture whose non-identity orders the patched llama.cpp refuses
@@ -218,17 +218,7 @@ def write_tiny(arch: str, path: str | Path, n_layer: int = 4, seed: int = 0) -> 
     w.add_embedding_length(N_EMBD)
     _hparams(arch, w, n_layer)
 
-    tokens, scores, types = _vocab(N_VOCAB)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_unk_token_id(UNK_ID)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(False)
+    add_tokenizer(w, N_VOCAB)
 
     for name, arr in t.items():
         w.add_tensor(name, arr)

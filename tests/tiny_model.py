@@ -102,6 +102,21 @@ def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     return toks, [0.0] * n_vocab, [int(t) for t in types]
 
 
+def add_tokenizer(w: gguf.GGUFWriter, n_vocab: int) -> None:
+    """Write the byte-level "llama" (SentencePiece-style) tokenizer of the tiny models."""
+    tokens, scores, types = _vocab(n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_unk_token_id(UNK_ID)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+
+
 def write_tiny_llama(
     path: str | Path,
     *,
@@ -165,7 +180,7 @@ def write_tiny_llama(
     ]
     output_norm = norm()
     output = lin(n_vocab, n_embd)
-    tokens, scores, types = _vocab(n_vocab)
+    tokens = _vocab(n_vocab)[0]
 
     path = Path(path)
     w = gguf.GGUFWriter(str(path), ARCH)
@@ -188,16 +203,7 @@ def write_tiny_llama(
         w.add_key_value(LAYER_ORDER_KEY, [int(i) for i in layer_order],
                         gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
 
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_unk_token_id(UNK_ID)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(False)
+    add_tokenizer(w, n_vocab)
 
     w.add_tensor("token_embd.weight", token_embd)
     for i, L in enumerate(layers):
