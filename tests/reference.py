@@ -83,3 +83,36 @@ def reference_logits(
     for il in order:
         x = block(m, m.layers[il], x, f16_attn)
     return rms_norm(x, m.output_norm, m.rms_eps) @ m.output.T.astype(np.float64)
+
+
+def shared_kv_decode_logits(model: TinyModel, tokens: list[int], layer_order: list[int]) -> np.ndarray:
+    """Token-by-token decoding as it goes wrong when positions that run the same weight layer share
+    ONE K/V cache (the bug of earlier layer-loop attempts): a later occurrence overwrites the K/V an
+    earlier occurrence wrote, and the earlier one then attends to the overwritten entries.
+
+    Used only to show that the per-position tests can tell the two apart."""
+    m, hd = model, model.head_dim
+    rep = m.n_head // m.n_head_kv
+    cache_k = {il: np.zeros((len(tokens), m.n_head_kv, hd)) for il in set(layer_order)}
+    cache_v = {il: np.zeros((len(tokens), m.n_head_kv, hd)) for il in set(layer_order)}
+    rows = []
+    for t, tok in enumerate(tokens):
+        x = m.token_embd[tok][None, :].astype(np.float64)
+        pos = np.array([float(t)])
+        for il in layer_order:
+            L = m.layers[il]
+            h = rms_norm(x, L.attn_norm, m.rms_eps)
+            q = rope_norm((h @ L.wq.T).reshape(1, m.n_head, hd), pos, m.rope_freq_base)
+            cache_k[il][t] = rope_norm((h @ L.wk.T).reshape(1, m.n_head_kv, hd), pos, m.rope_freq_base)[0]
+            cache_v[il][t] = (h @ L.wv.T).reshape(1, m.n_head_kv, hd)[0]
+            k = np.repeat(cache_k[il][: t + 1], rep, axis=1)
+            v = np.repeat(cache_v[il][: t + 1], rep, axis=1)
+            att = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+            att = np.exp(att - att.max(axis=-1, keepdims=True))
+            att = att / att.sum(axis=-1, keepdims=True)
+            x = x + np.einsum("hqk,khd->qhd", att, v).reshape(1, m.n_head * hd) @ L.wo.T
+            h = rms_norm(x, L.ffn_norm, m.rms_eps)
+            g, u = h @ L.ffn_gate.T, h @ L.ffn_up.T
+            x = x + (g / (1.0 + np.exp(-g)) * u) @ L.ffn_down.T
+        rows.append(rms_norm(x, m.output_norm, m.rms_eps) @ m.output.T.astype(np.float64))
+    return np.concatenate(rows)

@@ -73,3 +73,24 @@ def test_gguf_array_order(tmp_path):
         np.testing.assert_allclose(logits, reference_logits(tm, SEQS[0], layer_order=[1, 2]), rtol=1e-4, atol=1e-4)
     finally:
         model.close()
+
+
+def test_shared_kv_would_be_detected(tiny):
+    """The token-by-token tests above can fail the way a shared-KV implementation would: emulating
+    one cache per weight layer (instead of per position) moves the logits far outside the tolerance,
+    while llama.cpp stays on the per-position reference."""
+    from reference import shared_kv_decode_logits
+
+    order = ORDERS["repeats"]
+    model = RawModel(tiny.path, kv_overrides=override_keys("llama", order))
+    try:
+        got = run(model, SEQS[:1], "incremental")[0]
+    finally:
+        model.close()
+    per_position = reference_logits(tiny, SEQS[0], layer_order=order)
+    shared = shared_kv_decode_logits(tiny, SEQS[0], order)
+    np.testing.assert_allclose(got, per_position, rtol=1e-4, atol=1e-4)
+    assert np.abs(got - shared).max() > 1e-1
+    # the emulation is faithful: without repeats there is nothing to share and it agrees
+    np.testing.assert_allclose(shared_kv_decode_logits(tiny, SEQS[0], [0, 1, 2, 3]),
+                               reference_logits(tiny, SEQS[0]), rtol=1e-9, atol=1e-9)
