@@ -113,3 +113,13 @@ def test_gemma3_incremental_close_to_batch(gemma3_path):
     order_gap, agree = gap(override_keys("gemma3", parse_spec(GEMMA_ORDERS["repeated"])))
     assert agree >= 0.9
     assert order_gap < 3 * base_gap + 0.5, (order_gap, base_gap)
+
+
+@pytest.mark.parametrize("mode", ["batch", "incremental"])
+def test_gemma3_in_situ_equals_twin_on_stock_library(gemma3_path, gemma_twins, stock_lib_dir, tmp_path, mode):
+    """The materialized Gemma 3 twin, run by the unpatched library, gives the in-situ logits."""
+    out = tmp_path / "stock.npz"
+    run_stock(stock_lib_dir, ["--model", gemma_twins["repeated"], "--seqs", json.dumps([PROMPT]), "--mode", mode,
+                              "--out", str(out), "--n-ctx", "256"])
+    in_situ = _logits(gemma3_path, mode, override_keys("gemma3", parse_spec(GEMMA_ORDERS["repeated"])), n_ctx=256)
+    assert_identical(in_situ, [np.load(out)["arr_0"]])
