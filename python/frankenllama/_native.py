@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -138,30 +139,45 @@ def parse_spec_native(spec: str, n_layers: int) -> list[int]:
     return list(order[0:n])
 
 
-_log_callbacks: list[Any] = []  # active recording callbacks, innermost last (ctypes needs them alive)
+_log_lock = threading.Lock()
+_log_local = threading.local()  # per thread: the record lists of the active captures, innermost last
+_log_dispatcher: Any = None  # the one callback handed to llama.cpp; kept alive for the process
+
+
+def _install_log_dispatcher() -> None:
+    """Hand llama.cpp (once) a callback that records into the calling thread's active captures and
+    forwards everything to llama_cpp's logger."""
+    global _log_dispatcher
+    with _log_lock:
+        if _log_dispatcher is not None:
+            return
+        import llama_cpp
+        import llama_cpp._logger as llama_logger
+
+        forward = llama_logger.llama_log_callback
+
+        @llama_cpp.llama_log_callback
+        def dispatch(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            for records in getattr(_log_local, "captures", ()):
+                records.append((level, text.decode("utf-8", errors="replace")))
+            forward(level, text, user_data)
+
+        llama_cpp.llama_log_set(dispatch, ctypes.c_void_p(0))
+        _log_dispatcher = dispatch
 
 
 @contextlib.contextmanager
 def capture_llama_log() -> Iterator[list[tuple[int, str]]]:
-    """Record llama.cpp's log as (level, text) while the block runs; it still reaches llama_cpp's logger."""
-    import llama_cpp
-    import llama_cpp._logger as llama_logger
-
+    """Record llama.cpp's log as (level, text) while the block runs in this thread; it still
+    reaches llama_cpp's logger.  Thread-safe: each thread records only its own messages."""
+    _install_log_dispatcher()
+    captures = _log_local.__dict__.setdefault("captures", [])
     records: list[tuple[int, str]] = []
-    forward = _log_callbacks[-1] if _log_callbacks else llama_logger.llama_log_callback
-
-    @llama_cpp.llama_log_callback
-    def record(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        records.append((level, text.decode("utf-8", errors="replace")))
-        forward(level, text, user_data)
-
-    _log_callbacks.append(record)
-    llama_cpp.llama_log_set(record, ctypes.c_void_p(0))
+    captures.append(records)
     try:
         yield records
     finally:
-        _log_callbacks.remove(record)
-        llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
+        captures.remove(records)
 
 
 def log_errors(records: list[tuple[int, str]]) -> list[str]:
