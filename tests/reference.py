@@ -41,14 +41,16 @@ def rope_norm(x: np.ndarray, pos: np.ndarray, base: float) -> np.ndarray:
     return out
 
 
-def block(m: TinyModel, L: LayerWeights, x: np.ndarray, f16_attn: bool) -> np.ndarray:
-    """One llama decoder block on the residual stream x [n_tok, n_embd]."""
+def block(m: TinyModel, L: LayerWeights, x: np.ndarray, f16_attn: bool, rope: bool = True) -> np.ndarray:
+    """One llama decoder block on the residual stream x [n_tok, n_embd] (rope=False: a NoPE layer)."""
     T, hd = x.shape[0], m.head_dim
     f16 = (lambda a: a.astype(np.float16).astype(np.float64)) if f16_attn else (lambda a: a)
     h = rms_norm(x, L.attn_norm, m.rms_eps)
     pos = np.arange(T, dtype=np.float64)
-    q = rope_norm((h @ L.wq.T).reshape(T, m.n_head, hd), pos, m.rope_freq_base)
-    k = rope_norm((h @ L.wk.T).reshape(T, m.n_head_kv, hd), pos, m.rope_freq_base)
+    q = (h @ L.wq.T).reshape(T, m.n_head, hd)
+    k = (h @ L.wk.T).reshape(T, m.n_head_kv, hd)
+    if rope:
+        q, k = rope_norm(q, pos, m.rope_freq_base), rope_norm(k, pos, m.rope_freq_base)
     v = (h @ L.wv.T).reshape(T, m.n_head_kv, hd)
     rep = m.n_head // m.n_head_kv  # GQA: q head j uses kv head j // rep
     k, v = np.repeat(f16(k), rep, axis=1), np.repeat(f16(v), rep, axis=1)
@@ -69,6 +71,7 @@ def reference_logits(
     layer_order: list[int] | None = None,
     *,
     f16_attn: bool = False,
+    nope_layers: frozenset[int] | set[int] = frozenset(),
 ) -> np.ndarray:
     """Logits [n_tokens, n_vocab] (float64) for `tokens` at positions 0..n-1.
 
@@ -76,12 +79,13 @@ def reference_logits(
     a repeated layer is simply recomputed with its own K/V.  f16_attn=True rounds
     Q, K, V and the softmax probabilities to float16, approximating llama.cpp's
     default F16 KV cache on the non-flash CPU path (mul_mat converts src1 to F16).
+    Weight layers in nope_layers run without RoPE (smollm3 and llama4 have such layers).
     """
     m = model
     order = list(range(m.n_layer)) if layer_order is None else list(layer_order)
     x = m.token_embd[np.asarray(tokens)].astype(np.float64)
     for il in order:
-        x = block(m, m.layers[il], x, f16_attn)
+        x = block(m, m.layers[il], x, f16_attn, rope=il not in nope_layers)
     return rms_norm(x, m.output_norm, m.rms_eps) @ m.output.T.astype(np.float64)
 
 

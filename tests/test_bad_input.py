@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from frankenllama import Llama
+from tiny_model import rewrite_gguf
 
 TOKENS = [1, 75, 108, 229, 153, 132]
 
@@ -35,34 +36,6 @@ def _check_alive(tiny) -> None:
         llm.close()
     assert scores.shape == (len(TOKENS), tiny.n_vocab)
     assert np.all(np.isfinite(scores))
-
-
-def _rewrite(src: Path, dst: Path, *, arch: str | None = None, drop: tuple[str, ...] = (),
-             extra: list[tuple[str, object, gguf.GGUFValueType, gguf.GGUFValueType | None]] = ()) -> Path:
-    """Copy a float32 GGUF, optionally renaming the architecture (and its "<arch>." keys), dropping
-    keys and appending extra ones (in order, after the copied keys)."""
-    reader = gguf.GGUFReader(src, "r")
-    old_arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
-    new_arch = arch or old_arch
-    writer = gguf.GGUFWriter(str(dst), new_arch)
-    for field in reader.fields.values():
-        name = field.name
-        if name == gguf.Keys.General.ARCHITECTURE or name.startswith("GGUF.") or name in drop:
-            continue
-        if name.startswith(old_arch + "."):
-            name = new_arch + name[len(old_arch):]
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
-    for key, value, vtype, sub in extra:
-        writer.add_key_value(key, value, vtype, sub_type=sub)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.array(tensor.data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
 
 
 # --------------------------------------------------------------------------- Python-side validation
@@ -235,17 +208,17 @@ def bad_files(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad-gguf")
     files = {}
     # write_tiny_llama refuses out-of-range entries itself: add the key with gguf-py directly
-    files["out-of-range"] = str(_rewrite(tiny.path, out / "oor.gguf", extra=[
+    files["out-of-range"] = str(rewrite_gguf(tiny.path, out / "oor.gguf", extra=[
         ("llama.layer_order", [0, 9], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)]))
-    files["negative"] = str(_rewrite(tiny.path, out / "neg.gguf", extra=[
+    files["negative"] = str(rewrite_gguf(tiny.path, out / "neg.gguf", extra=[
         ("llama.layer_order", [0, -1], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)]))
-    files["float32"] = str(_rewrite(tiny.path, out / "f32.gguf", extra=[
+    files["float32"] = str(rewrite_gguf(tiny.path, out / "f32.gguf", extra=[
         ("llama.layer_order", [0.0, 1.0], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32)]))
-    files["int-scalar"] = str(_rewrite(tiny.path, out / "int.gguf", extra=[
+    files["int-scalar"] = str(rewrite_gguf(tiny.path, out / "int.gguf", extra=[
         ("llama.layer_order", 2, gguf.GGUFValueType.INT32, None)]))
-    files["bad-string"] = str(_rewrite(tiny.path, out / "str.gguf", extra=[
+    files["bad-string"] = str(rewrite_gguf(tiny.path, out / "str.gguf", extra=[
         ("llama.layer_order", "0-9", gguf.GGUFValueType.STRING, None)]))
-    files["too-long"] = str(_rewrite(tiny.path, out / "long.gguf", extra=[
+    files["too-long"] = str(rewrite_gguf(tiny.path, out / "long.gguf", extra=[
         ("llama.layer_order", [0] * 513, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)]))
     files["empty"] = str(_empty_array_file(tiny.path, out / "empty.gguf"))
     return files
@@ -254,7 +227,7 @@ def bad_files(tiny, tmp_path_factory):
 def _empty_array_file(src: Path, dst: Path) -> Path:
     """gguf-py refuses to write an empty array: write [7] followed by a 4-byte string, then patch the
     bytes to an empty array followed by an 8-byte string (the file keeps its size and alignment)."""
-    _rewrite(src, dst, extra=[
+    rewrite_gguf(src, dst, extra=[
         ("llama.layer_order", [7], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32),
         ("zz.pad", "abcd", gguf.GGUFValueType.STRING, None)])
     key = b"llama.layer_order"
@@ -303,7 +276,7 @@ def test_unsupported_architecture(tiny, tmp_path):
     """minimax-01 is refused by the C table (its attention slopes come from the layer index).  The
     refusal comes while reading hyper-parameters, before tensors, so the llama tiny file renamed to
     minimax-01 (plus the one key its hparams loader requires) is enough to reach it."""
-    path = _rewrite(tiny.path, tmp_path / "minimax.gguf", arch="minimax-01", extra=[
+    path = rewrite_gguf(tiny.path, tmp_path / "minimax.gguf", arch="minimax-01", extra=[
         ("minimax-01.residual_scale", 1.0, gguf.GGUFValueType.FLOAT32, None)])
     with pytest.raises(ValueError, match=r"minimax-01 models do not support layer orders yet: "
                                          r"its attention slopes are computed from the layer index"):

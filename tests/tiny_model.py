@@ -228,3 +228,31 @@ def write_tiny_llama(
         layers=layers, layer_order=list(layer_order) if layer_order is not None else None,
         tokens=tokens,
     )
+
+
+def rewrite_gguf(src: Path, dst: Path, *, arch: str | None = None, drop: tuple[str, ...] = (),
+             extra: list[tuple[str, object, gguf.GGUFValueType, gguf.GGUFValueType | None]] = ()) -> Path:
+    """Copy a float32 GGUF, optionally renaming the architecture (and its "<arch>." keys), dropping
+    keys and appending extra ones (in order, after the copied keys)."""
+    reader = gguf.GGUFReader(src, "r")
+    old_arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    new_arch = arch or old_arch
+    writer = gguf.GGUFWriter(str(dst), new_arch)
+    for field in reader.fields.values():
+        name = field.name
+        if name == gguf.Keys.General.ARCHITECTURE or name.startswith("GGUF.") or name in drop:
+            continue
+        if name.startswith(old_arch + "."):
+            name = new_arch + name[len(old_arch):]
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    for key, value, vtype, sub in extra:
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
