@@ -212,3 +212,17 @@ def test_cli_stack_and_materialize(two_tunes, tmp_path, capsys):
     twin = tmp_path / "cli-twin.gguf"
     assert cli_main(["materialize", str(out), "--layer-order", "4-7", "-o", str(twin), "-q"]) == 0
     assert identical(_logits(twin)[0], _logits(b)[0])
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3", "tiny"])
+def test_bulk_reader_reads_what_gguf_py_reads(model, smollm2_path, gemma3_path, tiny):
+    """gguf_tools reads arrays in bulk; every field and tensor must equal gguf-py's own reading."""
+    path = {"smollm2": smollm2_path, "gemma3": gemma3_path, "tiny": str(tiny.path)}[model]
+    ours = gguf_tools.ModelFile(path).reader
+    theirs = gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].contents() == field.contents(), key
+        assert ours.fields[key].types[0] == field.types[0], key
+    assert [(t.name, t.tensor_type, t.data_offset) for t in ours.tensors] == \
+           [(t.name, t.tensor_type, t.data_offset) for t in theirs.tensors]
