@@ -6,8 +6,8 @@ byte for byte in their own quantization type, into the order given, so that any 
 (unpatched included) runs the same network that ``frankenllama.Llama(model, layer_order=order)``
 runs in situ.
 
-Reading and writing go through gguf-py.  Sources are memory-mapped and tensors are written one at
-a time, so memory stays flat whatever the model size.  Output goes to a temporary file beside the
+Reading and writing go through gguf-py.  Sources are memory-mapped and tensors are copied one at
+a time from the mapping to the output, so no tensor data is held in Python memory.  Output goes to a temporary file beside the
 target, renamed only once complete: an interrupted run never leaves a partial model under the
 final name, and the inputs are never touched.
 """
