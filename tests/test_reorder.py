@@ -115,3 +115,20 @@ def test_two_models_with_different_orders_do_not_interfere(smollm2_path):
     assert a.layer_order == fresh_order(A)
     a.close()
     b.close()
+
+
+def test_many_reorders_keep_one_context(tiny):
+    """Re-ordering replaces the context; the old ones are freed, not piled up in the Llama object."""
+    import gc
+
+    from llama_cpp import _internals
+
+    llm = Llama(str(tiny.path), verbose=False, n_ctx=64)
+    for i in range(20):
+        llm.set_layer_order([i % 4, (i + 1) % 4])
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, _internals.LlamaContext) and o.ctx is not None]
+    assert len(alive) == 1
+    assert llm.kv_devices() == ["CPU", "CPU"]
+    llm.close()
+    assert llm._ctx.ctx is None

@@ -54,6 +54,7 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *, layer_order: Recipe | None = None,
                  rpc_servers: Sequence[str] | None = None, **kwargs: Any) -> None:
         self._stack = contextlib.ExitStack()  # llama_cpp.Llama.__del__ needs it if we raise before super()
+        self._closes_current_ctx = False
         self._gguf_info: GGUFInfo | None = None
         if rpc_servers:
             add_rpc_servers(rpc_servers)
@@ -109,6 +110,10 @@ class Llama(llama_cpp.Llama):
         return [ffi.string(lib.llama_model_dev_layer_name(model, p)).decode()
                 for p in range(lib.llama_model_n_layer(model))]
 
+    def kv_devices(self) -> list[str]:
+        """Device of each execution position's K/V cache (the device of its weight layer)."""
+        return self.layer_devices()
+
     def set_layer_order(self, layer_order: Recipe | None) -> None:
         """Switch to another order without reloading the weights.
 
@@ -133,8 +138,11 @@ class Llama(llama_cpp.Llama):
         self._ctx.close()
         with _native.capture_llama_log() as errors:
             rc = lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", order), len(order))
-        self._ctx = self._stack.enter_context(contextlib.closing(
-            internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)))
+        self._ctx = internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)
+        if not self._closes_current_ctx:
+            # close() frees whichever context is current, before the model (the stack unwinds LIFO)
+            self._stack.callback(lambda: self._ctx.close())
+            self._closes_current_ctx = True
         if self._lora_adapter is not None:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora_adapter)
             scales = (ctypes.c_float * 1)(self.lora_scale)
