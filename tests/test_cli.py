@@ -136,7 +136,7 @@ def test_info_tiny(capsys, tiny):
 
 
 def test_info_reports_a_refused_architecture(capsys, tmp_path):
-    tiny_archs = pytest.importorskip("tiny_archs")
+    import tiny_archs
     path = tiny_archs.write_tiny(tiny_archs.REFUSED_ARCH, tmp_path / "refused.gguf", n_layer=4, seed=3)
     rc, out, err = _run(capsys, "info", "-m", str(path))
     assert rc == 0, err

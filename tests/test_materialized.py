@@ -58,7 +58,7 @@ def test_different_orders_differ(smollm2_path, smol_twins):
     """The comparison can fail: a twin of another order gives other logits."""
     in_situ = _logits(smollm2_path, "batch", override_keys("llama", parse_spec(SMOL_ORDERS["pruned"])))
     other = _logits(smol_twins["reversed-block"], "batch")
-    assert in_situ[0].shape != other[0].shape or np.abs(in_situ[0] - other[0]).max() > 1.0
+    assert np.abs(in_situ[0] - other[0]).max() > 1.0
 
 
 @pytest.mark.parametrize("mode", ["batch", "incremental"])

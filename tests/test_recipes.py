@@ -75,7 +75,7 @@ def test_resolve_int_list_and_tuple() -> None:
 
 
 def test_resolve_numpy_ints() -> None:
-    np = pytest.importorskip("numpy")
+    import numpy as np
     result = resolve(list(np.arange(4, dtype=np.int64)), 4)
     assert result == [0, 1, 2, 3] and all(type(x) is int for x in result)
 

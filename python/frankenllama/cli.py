@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .gguf_info import GGUFInfo
-from .gguf_info import read_gguf_info as _read_gguf_info
+from .gguf_info import read_gguf_info
 from .order import format_spec, parse_spec
 from .recipes import drop, resolve, rewind, rys
 
@@ -91,14 +90,6 @@ def _ratio(a: float, b: float) -> str:
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
-
-
-def read_gguf_info(path: str | Path) -> GGUFInfo:
-    """:func:`frankenllama.gguf_info.read_gguf_info`, minus its pointer to a log the CLI does not show."""
-    try:
-        return _read_gguf_info(path)
-    except ValueError as err:
-        raise ValueError(str(err).replace("; see the log above", "")) from None
 
 
 # --------------------------------------------------------------------------- GGUF statistics
@@ -464,6 +455,20 @@ def cmd_order(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output GGUF file")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _output_path(args: argparse.Namespace) -> Path:
+    """The output file; an existing one only with --force (the tools refuse to overwrite an input)."""
+    out = Path(args.output).expanduser()
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    return out
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     from .gguf_tools import materialize
 
@@ -472,11 +477,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     order = _resolve_order(args, info.n_layer)
     if order is None:
         raise ValueError("give an order: --layer-order, --recipe, --rewind, --rys or --drop")
-    out = Path(args.output).expanduser()
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} already exists; pass --force to overwrite it")
-    if out.exists() and out.resolve() == model.resolve():
-        raise ValueError("the output would overwrite the input model; choose another output path")
+    out = _output_path(args)
     _err(f"writing {out} ({_describe(order, info.n_layer)})...")
     written = materialize(model, order, out, progress=not args.quiet)
     print(f"wrote {out}: {format_spec(written)} ({len(written)} layers, {_fmt_bytes(out.stat().st_size)})")
@@ -487,9 +488,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from .gguf_tools import stack
 
     models = [_check_model(m) for m in args.models]
-    out = Path(args.output).expanduser()
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    out = _output_path(args)
     _err(f"stacking {len(models)} models into {out}...")
     sources = stack(models, out, base=args.base, progress=not args.quiet)
     n_each = len(sources) // len(models)
@@ -610,9 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "GGUF that any llama.cpp runs."))
     p.add_argument("model", help="GGUF model file")
     _add_order_args(p)
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output GGUF file")
-    p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_output_args(p)
     p.set_defaults(func=cmd_materialize)
 
     p = sub.add_parser("stack", help="put the blocks of several fine-tunes into one GGUF file",
@@ -622,11 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "copied byte for byte. The file runs as the first model unless a layer order "
                            "picks other blocks."))
     p.add_argument("models", nargs="+", metavar="MODEL", help="GGUF model files (two or more)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output GGUF file")
     p.add_argument("--base", type=int, default=0,
                    help="which model (0-based) gives the embeddings and output head (default 0)")
-    p.add_argument("-f", "--force", action="store_true", help="overwrite OUT if it exists")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_output_args(p)
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("demo", help="SmolLM2-135M: original vs 1.5x self-merge vs pruned",

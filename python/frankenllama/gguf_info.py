@@ -43,10 +43,6 @@ class GGUFInfo:
     n_layer: int        # decoder blocks a layer order indexes (block_count minus the nextn/MTP blocks)
     n_layer_nextn: int  # nextn/MTP blocks, which stay last whatever the order
 
-    @property
-    def layer_order_key(self) -> str:
-        return f"{self.arch}.layer_order"
-
 
 @lru_cache(maxsize=None)
 def _ggml_base() -> tuple[cffi.FFI, Any]:
@@ -81,7 +77,7 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     params = ffi.new("struct gguf_init_params *", {"no_alloc": True, "ctx": ffi.NULL})
     ctx = lib.gguf_init_from_file(str(path).encode(), params[0])
     if ctx == ffi.NULL:
-        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt header; see the log above)")
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt header)")
     try:
         kid = lib.gguf_find_key(ctx, b"general.architecture")
         if kid < 0 or lib.gguf_get_kv_type(ctx, kid) != _STRING:

@@ -14,7 +14,7 @@ import llama_cpp
 import llama_cpp._internals as internals
 
 from . import _native
-from .gguf_info import GGUFInfo, read_gguf_info
+from .gguf_info import read_gguf_info
 from .order import format_spec, override_keys
 from .recipes import Recipe, resolve
 from .rpc import add_rpc_servers
@@ -55,12 +55,11 @@ class Llama(llama_cpp.Llama):
                  rpc_servers: Sequence[str] | None = None, **kwargs: Any) -> None:
         self._stack = contextlib.ExitStack()  # llama_cpp.Llama.__del__ needs it if we raise before super()
         self._closes_current_ctx = False
-        self._gguf_info: GGUFInfo | None = None
         if rpc_servers:
             add_rpc_servers(rpc_servers)
         requested: list[int] | None = None
         if layer_order is not None:
-            info = self._gguf_info = read_gguf_info(model_path)
+            info = read_gguf_info(model_path)
             requested = resolve(layer_order, info.n_layer)
             kwargs["kv_overrides"] = _merge_overrides(kwargs.get("kv_overrides"), override_keys(info.arch, requested))
 
