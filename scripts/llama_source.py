@@ -9,6 +9,8 @@ matches.  It is fetched with pip by package name, checked by sha256, and only it
 Commands::
 
     llama_source.py prepare [--dest DIR]   fetch (cached), extract, apply patches/ (idempotent)
+    llama_source.py prepare --unpatched --dest DIR
+                                           the same tree without the patches (the stock library)
     llama_source.py check                  do the patches apply to a fresh pristine tree?
     llama_source.py dev [--dest DIR]       like prepare, but the tree becomes a git repository
                                            with one commit per patch, for patch development
@@ -166,10 +168,10 @@ def apply_series(tree: Path) -> None:
         _checked(["git", "apply", "-p1", "--whitespace=nowarn", str(patch)], tree)
 
 
-def prepare(dest: Path) -> Path:
-    """Make dest hold the pinned tree with the current patch series applied."""
+def prepare(dest: Path, patched: bool = True) -> Path:
+    """Make dest hold the pinned tree, with the current patch series applied unless ``patched`` is false."""
     prepared = os.environ.get("FRANKENLLAMA_LLAMA_CPP_DIR")
-    if prepared:
+    if prepared and patched:
         tree = Path(prepared).resolve()
         if not (tree / "include" / "llama.h").is_file():
             raise SourceError(f"FRANKENLLAMA_LLAMA_CPP_DIR={prepared} holds no llama.cpp tree")
@@ -179,14 +181,16 @@ def prepare(dest: Path) -> Path:
         return tree
 
     stamp = dest / STAMP_NAME
-    want = {"sdist_sha256": SDIST_SHA256, "series": series_digest()}
+    want = {"sdist_sha256": SDIST_SHA256, "series": series_digest() if patched else None}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return dest
 
     extract(fetch_sdist(), dest)
-    apply_series(dest)
+    if patched:
+        apply_series(dest)
     stamp.write_text(json.dumps(want))
-    print(f"-- frankenllama: llama.cpp {LLAMA_CPP_COMMIT} + {len(series())} patch(es) in {dest}", file=sys.stderr, flush=True)
+    applied = f"{len(series())} patch(es)" if patched else "no patches"
+    print(f"-- frankenllama: llama.cpp {LLAMA_CPP_COMMIT} + {applied} in {dest}", file=sys.stderr, flush=True)
     return dest
 
 
@@ -232,12 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["prepare", "check", "dev", "refresh", "fetch"])
     parser.add_argument("--dest", type=Path, default=None,
                         help=f"tree to work on (default: {DEFAULT_DEST} for prepare, {DEV_DEST} for dev/refresh)")
+    parser.add_argument("--unpatched", action="store_true",
+                        help="prepare: leave the patches out (needs --dest: vendor/llama.cpp is the patched tree)")
     args = parser.parse_args(argv)
+    if args.unpatched and (args.command != "prepare" or args.dest is None):
+        parser.error("--unpatched goes with `prepare --dest DIR`")
     if args.dest is None:
         args.dest = DEV_DEST if args.command in ("dev", "refresh") else DEFAULT_DEST
     try:
         if args.command == "prepare":
-            print(prepare(args.dest.resolve()))
+            print(prepare(args.dest.resolve(), patched=not args.unpatched))
         elif args.command == "fetch":
             print(fetch_sdist())
         elif args.command == "check":

