@@ -12,7 +12,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from frankenllama import Llama, _native
+from frankenllama import Llama, StateMismatchError, _native
 from frankenllama.gguf_tools import materialize, tensor_bytes_per_layer
 from frankenllama.order import override_keys, parse_spec
 from lora_adapter import write_lora_pair
@@ -88,8 +88,11 @@ def test_state_from_another_order_is_refused(tiny):
     b = _llama(tiny.path, layer_order=[3, 2, 1, 0], logits_all=True)
     before = _eval_scores(b, TINY_PROMPT)
     assert not np.array_equal(before, np.array(state.scores[: len(TINY_PROMPT)]))  # the orders differ
-    with pytest.raises(RuntimeError, match="Failed to set llama state data"):
+    n_tokens, input_ids = b.n_tokens, b.input_ids.copy()
+    with pytest.raises(StateMismatchError, match="saved under another layer order") as refused:
         b.load_state(state)
+    assert isinstance(refused.value, RuntimeError)  # what llama-cpp-python raises
+    assert (b.n_tokens, b.input_ids.tolist()) == (n_tokens, input_ids.tolist())
     after = _eval_scores(b, TINY_PROMPT)  # the model still works, and still runs its own order
     b.close()
     assert np.array_equal(before, after)

@@ -116,3 +116,17 @@ def test_mixed_models_and_runtime_reorder_in_threads(tiny, smollm2_path):
     for order, got in switched_results:
         assert not _mismatches([got], want[smollm2_path, str(order)]), \
             f"after set_layer_order({order!r}) in a thread: logits differ from a fresh load"
+
+
+def test_nested_log_captures_keep_their_own_records(tiny):
+    """Nested captures with equal records (both see the same messages): the inner one's exit must
+    not end the outer one's capture."""
+    from frankenllama import _native
+
+    with _native.capture_llama_log() as outer:
+        with _native.capture_llama_log() as inner:
+            Llama(str(tiny.path), verbose=False, n_ctx=32).close()
+        seen = len(outer)
+        assert inner == outer and seen > 0
+        Llama(str(tiny.path), verbose=False, n_ctx=32).close()
+    assert len(outer) > seen and len(inner) == seen

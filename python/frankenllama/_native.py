@@ -177,7 +177,8 @@ def capture_llama_log() -> Iterator[list[tuple[int, str]]]:
     try:
         yield records
     finally:
-        captures.remove(records)
+        # by identity: list.remove() compares contents, and nested captures can hold equal records
+        del captures[next(i for i, c in enumerate(captures) if c is records)]
 
 
 def log_errors(records: list[tuple[int, str]]) -> list[str]:

@@ -3,21 +3,46 @@
 Everything but ``layer_order`` (and :meth:`Llama.set_layer_order`) is llama-cpp-python 0.3.36's
 own behaviour: the order travels to the patched llama.cpp as the model KV override
 ``<arch>.layer_order`` and the library remaps the decoder blocks at load time.
+
+Around that core this class keeps llama-cpp-python's stateful API free of silent wrong answers:
+
+- one object is used by one thread at a time: generation steps, ``eval``, embeddings, state
+  calls, ``reset``, ``close`` and re-ordering hold a per-object lock;
+- :meth:`Llama.set_layer_order` is transactional, and a generation running when it happens
+  stops with :class:`LayerOrderChangedError` at its next token instead of going on in the new,
+  empty context;
+- a state that cannot be restored (saved under another order, or by another library) is refused
+  with :class:`StateMismatchError` before anything changes, and prompt caches are keyed by the
+  order (:mod:`frankenllama.state_cache`), an unrestorable entry being a miss;
+- pickling rebuilds the order the model runs now.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
-from typing import Any, Iterator, Sequence
+import os
+import threading
+from typing import Any, Generator, Iterator, Sequence
 
 import llama_cpp
 import llama_cpp._internals as internals
+from llama_cpp.llama import LlamaState
 
 from . import _native
-from .gguf_info import read_gguf_info
+from .gguf_info import read_gguf_info, read_stored_order
 from .order import format_spec, override_keys
 from .recipes import Recipe, resolve
 from .rpc import add_rpc_servers
+from .state_cache import OrderKeyedCache, order_namespace
+
+
+class StateMismatchError(RuntimeError):
+    """A saved state this model cannot restore: saved under another layer order, by another
+    library version (stock llama-cpp-python), or for another model.  The model is unchanged."""
+
+
+class LayerOrderChangedError(RuntimeError):
+    """A generation was running when :meth:`Llama.set_layer_order` replaced its context."""
 
 
 def _load_error(log: list[tuple[int, str]]) -> str:
@@ -27,6 +52,12 @@ def _load_error(log: list[tuple[int, str]]) -> str:
         if "layer_order:" in line:
             return line[line.index("layer_order:"):]
     return errors[0] if errors else "see the llama.cpp log above"
+
+
+def _order_key_names(kv_overrides: dict[str, Any] | None) -> list[str]:
+    """The keys of ``kv_overrides`` that carry a layer order (``<arch>.layer_order[.N]``)."""
+    return [k for k in (kv_overrides or {}) if k.split(".")[-1] == "layer_order"
+            or (".layer_order." in k and k.rsplit(".", 1)[-1].isdigit())]
 
 
 class Llama(llama_cpp.Llama):
@@ -46,19 +77,30 @@ class Llama(llama_cpp.Llama):
         **kwargs: every other ``llama_cpp.Llama`` argument, unchanged.
 
     Raises:
-        ValueError: the order is malformed or out of range, conflicts with ``kv_overrides``, or
-            the model cannot run it (the message names the problem).
+        ValueError: the model file does not exist, the order is malformed or out of range,
+            conflicts with ``kv_overrides``, or the model cannot run it (the message names the
+            problem).
         ConnectionError: an RPC server does not answer.
     """
 
     def __init__(self, model_path: str, *, layer_order: Recipe | None = None,
                  rpc_servers: Sequence[str] | None = None, **kwargs: Any) -> None:
+        self._lock = threading.RLock()  # first: close() and __del__ take it
         self._stack = contextlib.ExitStack()  # llama_cpp.Llama.__del__ needs it if we raise before super()
         self._closes_current_ctx = False
+        self._order_epoch = 0  # bumped whenever the context is replaced: running generations stop
+        self._cache_view: OrderKeyedCache | None = None
+        self._rpc_servers = list(rpc_servers) if rpc_servers else None
+        self._user_kv_overrides = kwargs.get("kv_overrides")
+        if not os.path.exists(model_path):
+            raise ValueError(f"Model path does not exist: {model_path}")
         if rpc_servers:
             add_rpc_servers(rpc_servers)
         requested: list[int] | None = None
         if layer_order is not None:
+            if kwargs.get("vocab_only"):
+                raise ValueError("vocab_only=True loads no decoder blocks, so a layer_order has nothing to "
+                                 "run: leave layer_order out for a vocabulary-only model")
             info = read_gguf_info(model_path)
             requested = resolve(layer_order, info.n_layer)
             kwargs["kv_overrides"] = _merge_overrides(kwargs.get("kv_overrides"), override_keys(info.arch, requested))
@@ -84,6 +126,9 @@ class Llama(llama_cpp.Llama):
                     f"the native library did not apply the layer order (asked {format_spec(requested)}, "
                     f"running {format_spec(applied)}): is LLAMA_CPP_LIB_PATH pointing at a stock llama.cpp?"
                 )
+        self._state_prefix = self._read_state_prefix()
+
+    # -- the order -------------------------------------------------------------------------------
 
     @property
     def n_weight_layers(self) -> int:
@@ -101,6 +146,12 @@ class Llama(llama_cpp.Llama):
         lib.llama_model_get_layer_order(model, order, n)
         return list(order)
 
+    def file_layer_order(self) -> list[int]:
+        """The order the file itself runs: the order it stores (``<arch>.layer_order``), else every
+        weight layer once, in file order."""
+        stored = read_stored_order(self.model_path)
+        return stored if stored is not None else list(range(self.n_weight_layers))
+
     def layer_devices(self) -> list[str]:
         """Name of the device of each execution position: where its weights live and where its K/V
         cache is allocated (``CPU``, ``CUDA0``, ``RPC0``, ...)."""
@@ -117,27 +168,67 @@ class Llama(llama_cpp.Llama):
         """Switch to another order without reloading the weights.
 
         The context and its KV cache are rebuilt for the new depth, so the conversation state is
-        dropped (as after ``reset()``).  ``None`` restores the file's order.  Only weight layers that
+        dropped (as after ``reset()``), and a generation that is running (a partly consumed stream,
+        or one in another thread) stops with :class:`LayerOrderChangedError` at its next token.
+        ``None`` restores the file's own order (:meth:`file_layer_order`).  Only weight layers that
         were loaded can run: a model loaded with an order that leaves layers out cannot run them.
 
-        Raises:
-            ValueError: the order is malformed, out of range, unsupported, or uses unloaded layers.
-        """
-        ffi, lib = _native.ffi_lib()
-        model = _native.model_ptr(self._model)
-        n_weights = self.n_weight_layers
-        order = [] if layer_order is None else resolve(layer_order, n_weights)
-        missing = [il for il in order if not lib.llama_model_layer_is_loaded(model, il)]
-        if missing:
-            raise ValueError(
-                f"weight layer(s) {format_spec(sorted(set(missing)))} were not loaded, because the order "
-                "given at load time does not run them; load the model without layer_order to re-order freely"
-            )
+        The switch is transactional: if the new order is refused, or its context cannot be
+        allocated, the model keeps running its previous order (with an empty conversation).
 
-        self._ctx.close()
-        with _native.capture_llama_log() as errors:
-            rc = lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", order), len(order))
-        self._ctx = internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)
+        Raises:
+            ValueError: the order is malformed, out of range, unsupported, uses unloaded layers, or
+                needs more memory than a context can get.
+        """
+        with self._lock:
+            ffi, lib = _native.ffi_lib()
+            model = _native.model_ptr(self._model)
+            order = self.file_layer_order() if layer_order is None else resolve(layer_order, self.n_weight_layers)
+            missing = [il for il in order if not lib.llama_model_layer_is_loaded(model, il)]
+            if missing:
+                raise ValueError(
+                    f"weight layer(s) {format_spec(sorted(set(missing)))} were not loaded, because the order "
+                    "given at load time does not run them; load the model without layer_order to re-order freely"
+                )
+            previous = self.layer_order
+            self._order_epoch += 1
+            self._ctx.close()
+            with _native.capture_llama_log() as errors:
+                rc = lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", order), len(order))
+            try:
+                if rc != 0:
+                    raise ValueError(f"could not set the layer order: {_load_error(errors)}")
+                try:
+                    self._open_context()
+                except ValueError as err:
+                    lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", previous), len(previous))
+                    raise ValueError(
+                        f"could not create a context for the layer order {format_spec(order)} "
+                        f"({len(order)} positions, n_ctx={self.context_params.n_ctx}): {err}; "
+                        "the model keeps its previous order"
+                    ) from None
+            finally:
+                if self._ctx.ctx is None:
+                    self._open_context()  # the previous order's context (empty conversation)
+                self.n_tokens = 0
+                self._sampler = None
+                self.metadata = self._model.metadata()  # "<arch>.layer_order" follows the order
+                self._state_prefix = self._read_state_prefix()
+                stale = _order_key_names(self.kv_overrides)
+                if stale:  # the load-time order no longer describes the model (pickle, repr)
+                    kept = {k: v for k, v in self.kv_overrides.items() if k not in stale}
+                    self.kv_overrides = kept or None
+
+    def _open_context(self) -> None:
+        """Create the context for the model's current order (raises ValueError if it can't)."""
+        ctx = internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)
+        # LlamaContext registers its close() on the model's exit stack, which would keep every
+        # replaced context alive until the model is freed; this object closes the current one itself
+        callbacks = self._model._exit_stack._exit_callbacks
+        for entry in list(callbacks):
+            if getattr(entry[1], "__wrapped__", None) == ctx.close:
+                callbacks.remove(entry)
+        self._ctx = ctx
         if not self._closes_current_ctx:
             # close() frees whichever context is current, before the model (the stack unwinds LIFO)
             self._stack.callback(lambda: self._ctx.close())
@@ -146,11 +237,144 @@ class Llama(llama_cpp.Llama):
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora_adapter)
             scales = (ctypes.c_float * 1)(self.lora_scale)
             llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales)
-        self.n_tokens = 0
-        self._sampler = None
-        self.metadata = self._model.metadata()  # "<arch>.layer_order" follows the order
-        if rc != 0:
-            raise ValueError(f"could not set the layer order: {_load_error(errors)}")
+
+    # -- one thread at a time, generations that notice a re-order --------------------------------
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        with self._lock:
+            super().eval(tokens)
+
+    def embed(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return super().embed(*args, **kwargs)
+
+    def reset(self) -> None:
+        with self._lock:
+            super().reset()
+
+    def close(self) -> None:
+        with self._lock:
+            super().close()
+
+    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
+        """``llama_cpp.Llama.generate``, one token at a time under the object's lock.
+
+        Raises (from the iterator):
+            LayerOrderChangedError: ``set_layer_order`` ran since this call.
+        """
+        return self._locked_steps(super().generate(tokens, *args, **kwargs), self._order_epoch)
+
+    def _locked_steps(self, inner: Generator[int, Any, None], epoch: int) -> Generator[int, Any, None]:
+        sent: Any = None
+        try:
+            while True:
+                with self._lock:
+                    if self._order_epoch != epoch:
+                        raise LayerOrderChangedError(
+                            "set_layer_order() replaced the context while this generation was running; "
+                            "start the generation again")
+                    try:
+                        token = inner.send(sent)
+                    except StopIteration:
+                        return
+                sent = yield token
+        finally:
+            inner.close()
+
+    # -- states and prompt caches ----------------------------------------------------------------
+
+    def _read_state_prefix(self) -> bytes:
+        """The leading bytes of this context's saved states (architecture and order fingerprint);
+        a state with other leading bytes was saved under another order or by another library."""
+        ctx = self._ctx.ctx
+        size = llama_cpp.llama_state_get_size(ctx)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_get_data(ctx, buf, size)
+        data = bytes(buf[:written])
+        arch_len = int.from_bytes(data[:4], "little")
+        return data[:4 + arch_len + 8]
+
+    def save_state(self) -> LlamaState:
+        with self._lock:
+            return super().save_state()
+
+    def load_state(self, state: LlamaState) -> None:
+        """Restore a state saved by :meth:`save_state`.
+
+        Raises:
+            StateMismatchError: the state was saved under another layer order, by another
+                library version (stock llama-cpp-python writes another format), or for another
+                model; nothing was changed.  A state that fails to restore beyond that check
+                leaves the model with an empty conversation.
+        """
+        with self._lock:
+            try:
+                self._restore(state)
+            except StateMismatchError:
+                cache = self._cache_view
+                if cache is not None and cache.last_served is not None and cache.last_served[1] is state:
+                    # a prompt-cache hit this model can't use: drop the entry, compute as on a miss
+                    cache.evict(state)
+                    if self.verbose:
+                        print("frankenllama: cache entry of another layer order or library evicted", flush=True)
+                    return
+                raise
+
+    def _restore(self, state: LlamaState) -> None:
+        size = int(state.llama_state_size)
+        data = bytes(state.llama_state)
+        if data[:len(self._state_prefix)] != self._state_prefix or size != len(data):
+            raise StateMismatchError(
+                "this state can't be restored here: it was saved under another layer order, by another "
+                f"library version (e.g. stock llama-cpp-python), or for another model; this model runs "
+                f"layer order {format_spec(self.layer_order)}. Restore it on a model with the order it "
+                "was saved under, or compute the prompt again")
+        if state.n_tokens > self._n_ctx or len(state.input_ids) > len(self.input_ids) \
+                or state.scores.shape[0] > self.scores.shape[0] or state.scores.shape[1:] != self.scores.shape[1:]:
+            raise StateMismatchError(f"this state (n_tokens={state.n_tokens}, scores {state.scores.shape}) "
+                                     f"does not fit this context (n_ctx={self._n_ctx}, scores {self.scores.shape})")
+        buffer = (ctypes.c_uint8 * size).from_buffer_copy(data)
+        if llama_cpp.llama_state_set_data(self._ctx.ctx, buffer, size) != size:
+            self._ctx.kv_cache_clear()
+            self.n_tokens = 0
+            self._requires_eval = True
+            raise StateMismatchError("llama.cpp could not restore this state (corrupt or for another model); "
+                                     "the conversation was reset")
+        # llama-cpp-python's load_state, after the native call instead of before it
+        self.scores[: state.n_tokens, :] = state.scores.copy()
+        rest = self.scores[state.n_tokens:, :]
+        rest[rest > 0] = 0.0
+        self.input_ids = state.input_ids.copy()
+        self.n_tokens = state.n_tokens
+        self._requires_eval = True
+        self._seed = state.seed
+
+    @property
+    def cache(self) -> OrderKeyedCache | None:
+        """The prompt cache (``set_cache``), seen through a view whose keys carry the layer order."""
+        return self._cache_view
+
+    @cache.setter
+    def cache(self, value: Any) -> None:
+        if isinstance(value, OrderKeyedCache):
+            value = value.inner
+        self._cache_view = None if value is None else OrderKeyedCache(value, self._cache_namespace)
+
+    def _cache_namespace(self) -> tuple[int, ...]:
+        return order_namespace(self.n_weight_layers, self.layer_order)
+
+    # -- pickling ----------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """llama-cpp-python's constructor arguments, with the order the model runs *now*."""
+        state = super().__getstate__()
+        overrides = {k: v for k, v in (self._user_kv_overrides or {}).items()
+                     if k not in _order_key_names(self._user_kv_overrides)}
+        state["kv_overrides"] = overrides or None
+        current = self.layer_order
+        state["layer_order"] = None if current == self.file_layer_order() else current
+        state["rpc_servers"] = self._rpc_servers
+        return state
 
 
 def _merge_overrides(user: dict[str, Any] | None, order_keys: dict[str, str]) -> dict[str, Any]:
