@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from llama_cpp import LlamaDiskCache, LlamaRAMCache
 
-from frankenllama import LayerOrderChangedError, Llama, StateMismatchError
+from frankenllama import GenerationInterruptedError, LayerOrderChangedError, Llama, StateMismatchError
 from tiny_model import write_tiny_llama
 
 PROMPT = "The capital of France is"
@@ -307,3 +307,32 @@ def test_vocab_only_with_an_order_says_why(tiny):
 def test_missing_model_file_is_a_value_error_as_in_llama_cpp_python(tmp_path, order):
     with pytest.raises(ValueError, match="Model path does not exist"):
         Llama(str(tmp_path / "missing.gguf"), layer_order=order, verbose=False)
+
+
+def test_stream_resumed_after_another_call_stops(smollm2_path, fresh):
+    """Two generations on one object share one K/V cache: resuming the first after the second
+    ran would continue from the wrong cache (silently, in llama-cpp-python)."""
+    llm = _smol(smollm2_path)
+    stream = llm(PROMPT, max_tokens=16, temperature=0.0, stream=True)
+    next(stream)
+    assert _complete(llm, "Once upon a time") == fresh(None, "Once upon a time")
+    with pytest.raises(GenerationInterruptedError, match="another call"):
+        next(stream)
+    state = llm.save_state()  # reads only: a stream survives it
+    stream = llm(PROMPT, max_tokens=8, temperature=0.0, stream=True)
+    first = next(stream)["choices"][0]["text"]
+    llm.save_state()
+    with pytest.raises(StateMismatchError):
+        llm.load_state(_foreign_state(smollm2_path))  # refused: nothing changed, the stream goes on
+    rest = "".join(chunk["choices"][0]["text"] for chunk in stream)
+    assert first + rest == fresh(None)
+    llm.load_state(state)
+    llm.close()
+
+
+def _foreign_state(path: str):
+    other = _smol(path, OTHER)
+    other.eval(other.tokenize(b"Hello"))
+    state = other.save_state()
+    other.close()
+    return state

@@ -10,7 +10,8 @@ Around that core this class keeps llama-cpp-python's stateful API free of silent
   calls, ``reset``, ``close`` and re-ordering hold a per-object lock;
 - :meth:`Llama.set_layer_order` is transactional, and a generation running when it happens
   stops with :class:`LayerOrderChangedError` at its next token instead of going on in the new,
-  empty context;
+  empty context; a generation resumed after any other call changed the context stops with
+  :class:`GenerationInterruptedError`;
 - a state that cannot be restored (saved under another order, or by another library) is refused
   with :class:`StateMismatchError` before anything changes, and prompt caches are keyed by the
   order (:mod:`frankenllama.state_cache`), an unrestorable entry being a miss;
@@ -41,7 +42,13 @@ class StateMismatchError(RuntimeError):
     library version (stock llama-cpp-python), or for another model.  The model is unchanged."""
 
 
-class LayerOrderChangedError(RuntimeError):
+class GenerationInterruptedError(RuntimeError):
+    """A generation (a stream, or a ``generate()`` iterator) went on after another call changed
+    the model's context under it: ``eval``, another generation, ``load_state``, ``reset``,
+    ``embed``, or ``set_layer_order``.  Its next tokens would be computed from the wrong cache."""
+
+
+class LayerOrderChangedError(GenerationInterruptedError):
     """A generation was running when :meth:`Llama.set_layer_order` replaced its context."""
 
 
@@ -89,6 +96,7 @@ class Llama(llama_cpp.Llama):
         self._stack = contextlib.ExitStack()  # llama_cpp.Llama.__del__ needs it if we raise before super()
         self._closes_current_ctx = False
         self._order_epoch = 0  # bumped whenever the context is replaced: running generations stop
+        self._context_changes = 0  # bumped by every call that changes the context's contents
         self._cache_view: OrderKeyedCache | None = None
         self._rpc_servers = list(rpc_servers) if rpc_servers else None
         self._user_kv_overrides = kwargs.get("kv_overrides")
@@ -192,6 +200,7 @@ class Llama(llama_cpp.Llama):
                 )
             previous = self.layer_order
             self._order_epoch += 1
+            self._context_changes += 1
             self._ctx.close()
             with _native.capture_llama_log() as errors:
                 rc = lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", order), len(order))
@@ -242,14 +251,17 @@ class Llama(llama_cpp.Llama):
 
     def eval(self, tokens: Sequence[int]) -> None:
         with self._lock:
+            self._context_changes += 1
             super().eval(tokens)
 
     def embed(self, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
+            self._context_changes += 1
             return super().embed(*args, **kwargs)
 
     def reset(self) -> None:
         with self._lock:
+            self._context_changes += 1
             super().reset()
 
     def close(self) -> None:
@@ -261,10 +273,13 @@ class Llama(llama_cpp.Llama):
 
         Raises (from the iterator):
             LayerOrderChangedError: ``set_layer_order`` ran since this call.
+            GenerationInterruptedError: another call changed the context since the last token.
         """
-        return self._locked_steps(super().generate(tokens, *args, **kwargs), self._order_epoch)
+        return self._locked_steps(super().generate(tokens, *args, **kwargs), self._order_epoch,
+                                  self._context_changes)
 
-    def _locked_steps(self, inner: Generator[int, Any, None], epoch: int) -> Generator[int, Any, None]:
+    def _locked_steps(self, inner: Generator[int, Any, None], epoch: int,
+                      changes: int) -> Generator[int, Any, None]:
         sent: Any = None
         try:
             while True:
@@ -273,10 +288,15 @@ class Llama(llama_cpp.Llama):
                         raise LayerOrderChangedError(
                             "set_layer_order() replaced the context while this generation was running; "
                             "start the generation again")
+                    if self._context_changes != changes:
+                        raise GenerationInterruptedError(
+                            "another call (eval, a generation, load_state, reset or embed) changed the "
+                            "context since this generation's last token; start the generation again")
                     try:
                         token = inner.send(sent)
                     except StopIteration:
                         return
+                    changes = self._context_changes  # this generation's own evals
                 sent = yield token
         finally:
             inner.close()
@@ -334,6 +354,7 @@ class Llama(llama_cpp.Llama):
             raise StateMismatchError(f"this state (n_tokens={state.n_tokens}, scores {state.scores.shape}) "
                                      f"does not fit this context (n_ctx={self._n_ctx}, scores {self.scores.shape})")
         buffer = (ctypes.c_uint8 * size).from_buffer_copy(data)
+        self._context_changes += 1
         if llama_cpp.llama_state_set_data(self._ctx.ctx, buffer, size) != size:
             self._ctx.kv_cache_clear()
             self.n_tokens = 0
