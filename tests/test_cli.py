@@ -6,8 +6,10 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import gguf
 import pytest
 
 import frankenllama
@@ -118,6 +120,7 @@ def test_run_tiny_without_order(capsys, tiny):
     assert rc == 0, err
     assert "original order, 4 positions" in err
     assert _summary_tokens(err) == 3  # random weights: no end-of-text in 3 tokens
+
 
 
 # --------------------------------------------------------------------------- info
@@ -299,6 +302,8 @@ ERROR_CASES = [
     (["order", "--n-layers", "8", "--rewind", "16"], ["--rewind"]),
     (["order", "--n-layers", "8", "--rewind", "4,4"], ["compute > rewind"]),
     (["order", "--n-layers", "8"], ["give an order"]),
+    (["order", "--n-layers", "0", "--rys", "1,2"], ["--n-layers must be 1..512", "got 0"]),
+    (["order", "--n-layers", "513", "--rys", "1,2"], ["--n-layers must be 1..512", "got 513"]),
     (["order", "--layer-order", "0-3"], ["--n-layers"]),
     (["order", "-m", "{tiny}", "--n-layers", "8", "--rys", "1,2"], ["does not match"]),
     (["order", "--n-layers", "8", "--rys", "1,2", "--drop", "3"], ["not allowed with"]),
@@ -323,3 +328,64 @@ def test_user_errors_are_one_line_and_exit_2(capsys, tiny, tmp_path, corrupt, ar
     rc, out, err = _run(capsys, *argv)
     _assert_one_line_error(rc, err, *needles)
     assert out == ""
+
+
+# --------------------------------------------------------------------------- headers llama.cpp aborts on
+
+
+def _with_key(tiny, path: Path, key: str, value: int) -> str:
+    """The tiny model with the integer ``key`` set to ``value`` (uint32, as converters write it)."""
+    from tiny_model import rewrite_gguf
+
+    return str(rewrite_gguf(tiny.path, path, drop=(key,), extra=[(key, value, gguf.GGUFValueType.UINT32, None)]))
+
+
+@pytest.fixture(scope="module")
+def bad_headers(tiny, tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """name -> (path, the 'key = value' the error must name)."""
+    out = tmp_path_factory.mktemp("headers")
+    cases = {"no-blocks": ("llama.block_count", 0), "513-blocks": ("llama.block_count", 513),
+             "huge": ("llama.block_count", 10**9), "nextn": ("llama.nextn_predict_layers", 5)}
+    return {name: (_with_key(tiny, out / f"{name}.gguf", key, value), f"{key} = {value}")
+            for name, (key, value) in cases.items()}
+
+
+@pytest.mark.parametrize("case", ["no-blocks", "513-blocks", "huge", "nextn"])
+@pytest.mark.parametrize("command", ["info", "run", "order"])
+def test_header_llama_cpp_would_abort_on(bad_headers, command, case):
+    """llama.cpp asserts 1 <= block_count <= 512 and nextn_predict_layers <= block_count, aborting
+    the process with no message; a subprocess shows that the CLI now survives and says why."""
+    path, named = bad_headers[case]
+    argv = {"info": ["info", "-m", path], "run": ["run", "-m", path, "-p", "hi", "-n", "1"],
+            "order": ["order", "-m", path, "--rys", "1,2"]}[command]
+    proc = subprocess.run([sys.executable, "-m", "frankenllama", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, f"exit status {proc.returncode}; stderr tail:\n{proc.stderr[-2000:]}"
+    _assert_one_line_error(proc.returncode, proc.stderr, f"{path} has {named}")
+
+
+_LIMITED = textwrap.dedent("""
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB of address space
+    from frankenllama import cli
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["order", "--n-layers", "1000000000", "--rys", "8,16"], "--n-layers must be 1..512"),
+    (["order", "--n-layers", "1000000000", "--layer-order", "0-3"], "--n-layers must be 1..512"),
+    (["order", "-m", "{huge}", "--rys", "8,16"], "llama.block_count = 1000000000"),
+    (["order", "--n-layers", "512", "--rewind", "1000000000,0"], None),
+    (["order", "--n-layers", "512", "--drop", "3"], None),
+], ids=["n-layers-rys", "n-layers-spec", "block-count", "rewind", "drop"])
+def test_huge_counts_are_refused_before_allocating(bad_headers, argv, needle):
+    """With 1 GiB of address space (a billion-entry list needs 8+): the answer comes from bounds
+    checked up front, not from a MemoryError."""
+    argv = [a.format(huge=bad_headers["huge"][0]) for a in argv]
+    proc = subprocess.run([sys.executable, "-c", _LIMITED, *argv], capture_output=True, text=True, timeout=120)
+    assert "MemoryError" not in proc.stderr, proc.stderr[-2000:]
+    if needle is None:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    else:
+        _assert_one_line_error(proc.returncode, proc.stderr, needle)
