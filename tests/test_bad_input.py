@@ -288,6 +288,36 @@ def test_unsupported_architecture(tiny, tmp_path):
     _check_alive(tiny)
 
 
+def test_refused_set_layer_order_names_the_problem_once(tmp_path, tiny):
+    """The C log line is "llama_model_set_layer_order: layer_order: ...": the function name must not
+    make the message read "layer_order: layer_order: ..."."""
+    import tiny_archs
+
+    path = tiny_archs.write_tiny(tiny_archs.REFUSED_ARCH, tmp_path / "refused.gguf", n_layer=4, seed=3)
+    llm = _load(path)
+    try:
+        with pytest.raises(ValueError) as err:
+            llm.set_layer_order([0, 0, 1, 2, 3])
+    finally:
+        llm.close()
+    message = str(err.value)
+    assert message.count("layer_order") == 1, message
+    assert f"layer_order: {tiny_archs.REFUSED_ARCH} models do not support layer orders" in message
+    _check_alive(tiny)
+
+
+def test_log_errors_drop_the_c_function_name():
+    from frankenllama._native import GGML_LOG_LEVEL_ERROR, log_errors
+
+    records = [(GGML_LOG_LEVEL_ERROR, "llama_model_set_layer_order: layer_order: the order is empty\n"),
+               (GGML_LOG_LEVEL_ERROR, "llama_model_load: error loading model: layer_order: item 0 is empty\n"),
+               (GGML_LOG_LEVEL_ERROR, "layer_order: a message without a function name\n"),
+               (GGML_LOG_LEVEL_ERROR - 1, "llama_model_loader: a warning\n")]
+    assert log_errors(records) == ["layer_order: the order is empty",
+                                   "error loading model: layer_order: item 0 is empty",
+                                   "layer_order: a message without a function name"]
+
+
 def test_lora_for_unloaded_layer_does_not_crash(tiny, tmp_path):
     """An adapter for the whole model, with an order that leaves a layer out (so it is not loaded):
     the adapter loads, its tensors for the unloaded layer are skipped (they would never run).
