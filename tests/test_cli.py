@@ -122,6 +122,28 @@ def test_run_tiny_without_order(capsys, tiny):
     assert _summary_tokens(err) == 3  # random weights: no end-of-text in 3 tokens
 
 
+def test_run_tiny_one_token(capsys, tiny):
+    rc, out, err = _run(capsys, "run", "-m", str(tiny.path), "-p", "hi", "-n", "1", "-t", "1", "-c", "64")
+    assert rc == 0, err
+    assert _summary_tokens(err) == 1
+
+
+@pytest.mark.parametrize("prompt, n_predict", [("Hello", 3), ("Hello", 1), ("The three most useful", 1)])
+def test_run_counts_the_tokens_it_generated(capsys, smollm2_path, prompt, n_predict):
+    """llama.cpp's perf counters read at least 1 even when nothing was counted, so a one-token prompt
+    ("Hello" is one SmolLM2 token and no BOS is added) or a single generated token was counted twice.
+    The count must equal llama-cpp-python's own completion_tokens for the same greedy run."""
+    rc, out, err = _run(capsys, "run", "-m", smollm2_path, "-p", prompt, "-n", str(n_predict),
+                        "-t", "1", "-c", "64")
+    assert rc == 0, err
+    llm = frankenllama.Llama(smollm2_path, n_ctx=64, n_threads=1, verbose=False)
+    try:
+        usage = llm(prompt, max_tokens=n_predict, temperature=0.0)["usage"]
+    finally:
+        llm.close()
+    assert (usage["prompt_tokens"] == 1) == (prompt == "Hello")
+    assert _summary_tokens(err) == usage["completion_tokens"]
+
 
 # --------------------------------------------------------------------------- info
 
@@ -149,6 +171,18 @@ def test_info_reports_a_refused_architecture(capsys, tmp_path):
 
     rc, out, err = _run(capsys, "run", "-m", str(path), "-p", "hi", "-n", "2", "--layer-order", "0,1,1,2,3")
     _assert_one_line_error(rc, err, "do not support layer orders", tiny_archs.REFUSED_ARCH)
+
+
+def test_info_on_a_model_with_512_layers(capsys, tmp_path):
+    """The most layers llama.cpp loads: the support probe (layer 0 twice) must stay within 512
+    positions."""
+    from tiny_model import write_tiny_llama
+
+    deep = write_tiny_llama(tmp_path / "deep.gguf", n_layer=512, n_embd=8, n_head=2, n_head_kv=1, n_ff=8)
+    rc, out, err = _run(capsys, "info", "-m", str(deep.path))
+    assert rc == 0, err
+    assert _field(out, "weight layers") == "512"
+    assert _field(out, "layer orders") == "supported (checked by loading 0,0-510)"
 
 
 def test_info_lists_a_stored_order(capsys, tiny, tmp_path):

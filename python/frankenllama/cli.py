@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .gguf_info import check_header
-from .order import MAX_LAYERS, format_spec, parse_spec
+from .gguf_info import GGUFInfo, check_header
+from .order import MAX_LAYERS, MAX_POSITIONS, format_spec, parse_spec
 from .recipes import drop, resolve, rewind, rys
 
 PROG = "frankenllama"
@@ -310,13 +310,17 @@ def _generate(llm: Any, prompt: str, *, n_predict: int, temperature: float, chat
         finish = choice.get("finish_reason") or finish
     seconds = time.perf_counter() - start
     perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
-    # Generated tokens are decoded one at a time (n_eval), except the last one when the run stops
-    # at max_tokens; an end-of-text token is sampled but neither decoded nor returned.  A one-token
-    # prompt is decoded alone too and lands in n_eval instead of n_p_eval.
-    one_token_prompt = perf.n_p_eval == 0 and perf.n_eval > 0
-    decoded = perf.n_eval - one_token_prompt
+    # Generated tokens are decoded one at a time, except the last one when the run stops at
+    # max_tokens; an end-of-text token is sampled but neither decoded nor returned.  A one-token
+    # prompt is decoded alone too.  llama_perf_context reports max(1, count) for both counters, so
+    # they cannot say 0: count from the positions the context holds (the model was loaded for this
+    # run, so all of them were decoded now) and from the prompt batches, which hold 2+ tokens.
+    batched = perf.n_p_eval if perf.n_p_eval > 1 else 0
+    single = llm.n_tokens - batched          # tokens decoded one at a time
+    one_token_prompt = batched == 0 and single > 0
+    decoded = single - one_token_prompt
     tokens = decoded + (finish == "length")
-    return _Generated("".join(pieces), tokens, seconds, perf.n_p_eval + one_token_prompt,
+    return _Generated("".join(pieces), tokens, seconds, batched + one_token_prompt,
                       perf.t_p_eval_ms / 1000, decoded, perf.t_eval_ms / 1000)
 
 
@@ -347,12 +351,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_support(model: Path, n_layer: int) -> tuple[bool, str]:
+def _check_support(model: Path, info: GGUFInfo) -> tuple[bool, str]:
     """Load the model with a non-trivial order (layer 0 twice); report whether llama.cpp accepts it.
 
-    A load that fails with the order but succeeds without it means the order is refused.
+    A load that fails with the order but succeeds without it means the order is refused.  The
+    order is cut to the positions llama.cpp allows (512 less the nextn/MTP blocks).
     """
-    order = [0, 0] + list(range(1, n_layer))
+    order = ([0] + list(range(info.n_layer)))[:MAX_POSITIONS - info.n_layer_nextn]
     small = dict(n_ctx=32, n_batch=32, n_threads=1, n_threads_batch=1)
     try:
         llm = _new_llama(model, order, False, **small)
@@ -390,7 +395,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = check_header(model)
     stats = _read_stats(model)
     _err(f"loading {model} to check layer-order support...")
-    supported, detail = _check_support(model, info.n_layer)
+    supported, detail = _check_support(model, info)
     out = [
         f"model:          {model}",
         f"architecture:   {info.arch}",
