@@ -7,6 +7,7 @@ Python first), a raw ``kv_overrides`` entry (only the C parser sees it), and the
 """
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import gguf
 import numpy as np
 import pytest
 
-from frankenllama import Llama
+from frankenllama import LayerOrderError, Llama
+from frankenllama.gguf_info import check_header
 from tiny_model import rewrite_gguf
 
 TOKENS = [1, 75, 108, 229, 153, 132]
@@ -286,6 +288,36 @@ def test_unsupported_architecture(tiny, tmp_path):
     _check_alive(tiny)
 
 
+def test_refused_set_layer_order_names_the_problem_once(tmp_path, tiny):
+    """The C log line is "llama_model_set_layer_order: layer_order: ...": the function name must not
+    make the message read "layer_order: layer_order: ..."."""
+    import tiny_archs
+
+    path = tiny_archs.write_tiny(tiny_archs.REFUSED_ARCH, tmp_path / "refused.gguf", n_layer=4, seed=3)
+    llm = _load(path)
+    try:
+        with pytest.raises(ValueError) as err:
+            llm.set_layer_order([0, 0, 1, 2, 3])
+    finally:
+        llm.close()
+    message = str(err.value)
+    assert message.count("layer_order") == 1, message
+    assert f"layer_order: {tiny_archs.REFUSED_ARCH} models do not support layer orders" in message
+    _check_alive(tiny)
+
+
+def test_log_errors_drop_the_c_function_name():
+    from frankenllama._native import GGML_LOG_LEVEL_ERROR, log_errors
+
+    records = [(GGML_LOG_LEVEL_ERROR, "llama_model_set_layer_order: layer_order: the order is empty\n"),
+               (GGML_LOG_LEVEL_ERROR, "llama_model_load: error loading model: layer_order: item 0 is empty\n"),
+               (GGML_LOG_LEVEL_ERROR, "layer_order: a message without a function name\n"),
+               (GGML_LOG_LEVEL_ERROR - 1, "llama_model_loader: a warning\n")]
+    assert log_errors(records) == ["layer_order: the order is empty",
+                                   "error loading model: layer_order: item 0 is empty",
+                                   "layer_order: a message without a function name"]
+
+
 def test_lora_for_unloaded_layer_does_not_crash(tiny, tmp_path):
     """An adapter for the whole model, with an order that leaves a layer out (so it is not loaded):
     the adapter loads, its tensors for the unloaded layer are skipped (they would never run).
@@ -394,3 +426,88 @@ def test_directory_as_path(tmp_path, tiny):
     with pytest.raises((FileNotFoundError, ValueError, IsADirectoryError)):
         _load(tmp_path, layer_order="0-1")
     _check_alive(tiny)
+
+
+# --------------------------------------------------------------------------- headers llama.cpp aborts on
+
+
+def _with_key(tiny, path: Path, key: str, value: int) -> Path:
+    return rewrite_gguf(tiny.path, path, drop=(key,), extra=[(key, value, gguf.GGUFValueType.UINT32, None)])
+
+
+@pytest.mark.parametrize("key, value", [
+    ("llama.block_count", 0), ("llama.block_count", 513), ("llama.block_count", 2**32 - 1),
+    ("llama.nextn_predict_layers", 5),
+])
+def test_check_header_refuses_what_llama_cpp_asserts_on(tiny, tmp_path, key, value):
+    """llama.cpp would abort the process (GGML_ASSERT) loading these files; check_header says why."""
+    path = _with_key(tiny, tmp_path / "bad.gguf", key, value)
+    with pytest.raises(ValueError, match=rf"^{re.escape(f'{path} has {key} = {value}, but ')}") as err:
+        check_header(path)
+    assert not isinstance(err.value, LayerOrderError)
+    with pytest.raises(ValueError, match=rf"{key} = {value}"):
+        check_header(str(path))
+    with pytest.raises(ValueError, match=rf"{key} = {value}"):
+        _load(path, layer_order=[0])
+    with pytest.raises(ValueError, match=rf"{key} = {value}"):
+        _load(path)  # no order at all: llama.cpp would still abort the process
+    _check_alive(tiny)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"llama.block_count": 0}, "llama.block_count = 0"),
+    ({"qwen2.layer_order": "0-3"}, "qwen2.layer_order"),
+    ({"llama.layer_order": "0,", "llama.layer_order.0": "1"}, "llama.layer_order.0"),
+])
+def test_llama_checks_overrides_before_loading(tiny, overrides, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Llama(str(tiny.path), kv_overrides=overrides, verbose=False)
+    _check_alive(tiny)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"llama.block_count": 0}, "kv_overrides sets llama.block_count = 0"),
+    ({"llama.block_count": 600}, "kv_overrides sets llama.block_count = 600"),
+    ({"llama.block_count": -1}, "kv_overrides sets llama.block_count = -1"),
+    ({"llama.nextn_predict_layers": 5}, "kv_overrides sets llama.nextn_predict_layers = 5"),
+    ({"llama.block_count": 2, "llama.nextn_predict_layers": 3}, "llama.nextn_predict_layers = 3"),
+    ({"llama.block_count": 4.0}, "kv_overrides['llama.block_count'] must be an int, got 4.0"),
+    ({"llama.block_count": True}, "kv_overrides['llama.block_count'] must be an int, got True"),
+])
+def test_check_header_applies_kv_overrides(tiny, overrides, named):
+    with pytest.raises(ValueError) as err:
+        check_header(tiny.path, overrides)
+    assert named in str(err.value)
+    assert "fix or remove the override" in str(err.value) or "must be an int" in str(err.value)
+
+
+def test_check_header_accepts(tiny):
+    info = check_header(tiny.path)
+    assert (info.arch, info.n_layer, info.n_layer_nextn) == ("llama", 4, 0)
+    assert check_header(tiny.path, {"llama.block_count": 512, "general.name": "x"}).n_layer == 512
+    info = check_header(tiny.path, {"llama.nextn_predict_layers": 1, "llama.layer_order": "0-2"})
+    assert (info.n_layer, info.n_layer_nextn) == (3, 1)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"qwen2.layer_order": "0-3"}, "qwen2.layer_order"),
+    ({"llama.layer_order": "0,", "llama.layer_order.0": "1"}, "llama.layer_order.0"),
+    ({"llama.layer_order": "0,", "llama.layer_order.1": "1,", "llama.layer_order.01": "2"}, "llama.layer_order.01"),
+    ({"llama.layer_order": "0-5\x00junk"}, "llama.layer_order"),
+])
+def test_check_header_refuses_override_keys_llama_cpp_ignores(tiny, overrides, key):
+    """Loaded as is, each of these runs something other than what was asked, without a word."""
+    with pytest.raises(LayerOrderError, match=re.escape(repr(key))):
+        check_header(tiny.path, overrides)
+
+
+def test_check_header_missing_and_unreadable(tmp_path):
+    missing = tmp_path / "missing.gguf"
+    with pytest.raises(ValueError, match=rf"^Model path does not exist: {re.escape(str(missing))}$"):
+        check_header(missing)
+    with pytest.raises(ValueError, match=rf"^Model path is not a readable file: {re.escape(str(tmp_path))}$"):
+        check_header(tmp_path)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(20))
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        check_header(corrupt)

@@ -6,8 +6,10 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import gguf
 import pytest
 
 import frankenllama
@@ -120,6 +122,29 @@ def test_run_tiny_without_order(capsys, tiny):
     assert _summary_tokens(err) == 3  # random weights: no end-of-text in 3 tokens
 
 
+def test_run_tiny_one_token(capsys, tiny):
+    rc, out, err = _run(capsys, "run", "-m", str(tiny.path), "-p", "hi", "-n", "1", "-t", "1", "-c", "64")
+    assert rc == 0, err
+    assert _summary_tokens(err) == 1
+
+
+@pytest.mark.parametrize("prompt, n_predict", [("Hello", 3), ("Hello", 1), ("The three most useful", 1)])
+def test_run_counts_the_tokens_it_generated(capsys, smollm2_path, prompt, n_predict):
+    """llama.cpp's perf counters read at least 1 even when nothing was counted, so a one-token prompt
+    ("Hello" is one SmolLM2 token and no BOS is added) or a single generated token was counted twice.
+    The count must equal llama-cpp-python's own completion_tokens for the same greedy run."""
+    rc, out, err = _run(capsys, "run", "-m", smollm2_path, "-p", prompt, "-n", str(n_predict),
+                        "-t", "1", "-c", "64")
+    assert rc == 0, err
+    llm = frankenllama.Llama(smollm2_path, n_ctx=64, n_threads=1, verbose=False)
+    try:
+        usage = llm(prompt, max_tokens=n_predict, temperature=0.0)["usage"]
+    finally:
+        llm.close()
+    assert (usage["prompt_tokens"] == 1) == (prompt == "Hello")
+    assert _summary_tokens(err) == usage["completion_tokens"]
+
+
 # --------------------------------------------------------------------------- info
 
 
@@ -146,6 +171,18 @@ def test_info_reports_a_refused_architecture(capsys, tmp_path):
 
     rc, out, err = _run(capsys, "run", "-m", str(path), "-p", "hi", "-n", "2", "--layer-order", "0,1,1,2,3")
     _assert_one_line_error(rc, err, "do not support layer orders", tiny_archs.REFUSED_ARCH)
+
+
+def test_info_on_a_model_with_512_layers(capsys, tmp_path):
+    """The most layers llama.cpp loads: the support probe (layer 0 twice) must stay within 512
+    positions."""
+    from tiny_model import write_tiny_llama
+
+    deep = write_tiny_llama(tmp_path / "deep.gguf", n_layer=512, n_embd=8, n_head=2, n_head_kv=1, n_ff=8)
+    rc, out, err = _run(capsys, "info", "-m", str(deep.path))
+    assert rc == 0, err
+    assert _field(out, "weight layers") == "512"
+    assert _field(out, "layer orders") == "supported (checked by loading 0,0-510)"
 
 
 def test_info_lists_a_stored_order(capsys, tiny, tmp_path):
@@ -299,6 +336,8 @@ ERROR_CASES = [
     (["order", "--n-layers", "8", "--rewind", "16"], ["--rewind"]),
     (["order", "--n-layers", "8", "--rewind", "4,4"], ["compute > rewind"]),
     (["order", "--n-layers", "8"], ["give an order"]),
+    (["order", "--n-layers", "0", "--rys", "1,2"], ["--n-layers must be 1..512", "got 0"]),
+    (["order", "--n-layers", "513", "--rys", "1,2"], ["--n-layers must be 1..512", "got 513"]),
     (["order", "--layer-order", "0-3"], ["--n-layers"]),
     (["order", "-m", "{tiny}", "--n-layers", "8", "--rys", "1,2"], ["does not match"]),
     (["order", "--n-layers", "8", "--rys", "1,2", "--drop", "3"], ["not allowed with"]),
@@ -323,3 +362,64 @@ def test_user_errors_are_one_line_and_exit_2(capsys, tiny, tmp_path, corrupt, ar
     rc, out, err = _run(capsys, *argv)
     _assert_one_line_error(rc, err, *needles)
     assert out == ""
+
+
+# --------------------------------------------------------------------------- headers llama.cpp aborts on
+
+
+def _with_key(tiny, path: Path, key: str, value: int) -> str:
+    """The tiny model with the integer ``key`` set to ``value`` (uint32, as converters write it)."""
+    from tiny_model import rewrite_gguf
+
+    return str(rewrite_gguf(tiny.path, path, drop=(key,), extra=[(key, value, gguf.GGUFValueType.UINT32, None)]))
+
+
+@pytest.fixture(scope="module")
+def bad_headers(tiny, tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """name -> (path, the 'key = value' the error must name)."""
+    out = tmp_path_factory.mktemp("headers")
+    cases = {"no-blocks": ("llama.block_count", 0), "513-blocks": ("llama.block_count", 513),
+             "huge": ("llama.block_count", 10**9), "nextn": ("llama.nextn_predict_layers", 5)}
+    return {name: (_with_key(tiny, out / f"{name}.gguf", key, value), f"{key} = {value}")
+            for name, (key, value) in cases.items()}
+
+
+@pytest.mark.parametrize("case", ["no-blocks", "513-blocks", "huge", "nextn"])
+@pytest.mark.parametrize("command", ["info", "run", "order"])
+def test_header_llama_cpp_would_abort_on(bad_headers, command, case):
+    """llama.cpp asserts 1 <= block_count <= 512 and nextn_predict_layers <= block_count, aborting
+    the process with no message; a subprocess shows that the CLI now survives and says why."""
+    path, named = bad_headers[case]
+    argv = {"info": ["info", "-m", path], "run": ["run", "-m", path, "-p", "hi", "-n", "1"],
+            "order": ["order", "-m", path, "--rys", "1,2"]}[command]
+    proc = subprocess.run([sys.executable, "-m", "frankenllama", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, f"exit status {proc.returncode}; stderr tail:\n{proc.stderr[-2000:]}"
+    _assert_one_line_error(proc.returncode, proc.stderr, f"{path} has {named}")
+
+
+_LIMITED = textwrap.dedent("""
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB of address space
+    from frankenllama import cli
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["order", "--n-layers", "1000000000", "--rys", "8,16"], "--n-layers must be 1..512"),
+    (["order", "--n-layers", "1000000000", "--layer-order", "0-3"], "--n-layers must be 1..512"),
+    (["order", "-m", "{huge}", "--rys", "8,16"], "llama.block_count = 1000000000"),
+    (["order", "--n-layers", "512", "--rewind", "1000000000,0"], None),
+    (["order", "--n-layers", "512", "--drop", "3"], None),
+], ids=["n-layers-rys", "n-layers-spec", "block-count", "rewind", "drop"])
+def test_huge_counts_are_refused_before_allocating(bad_headers, argv, needle):
+    """With 1 GiB of address space (a billion-entry list needs 8+): the answer comes from bounds
+    checked up front, not from a MemoryError."""
+    argv = [a.format(huge=bad_headers["huge"][0]) for a in argv]
+    proc = subprocess.run([sys.executable, "-c", _LIMITED, *argv], capture_output=True, text=True, timeout=120)
+    assert "MemoryError" not in proc.stderr, proc.stderr[-2000:]
+    if needle is None:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    else:
+        _assert_one_line_error(proc.returncode, proc.stderr, needle)

@@ -21,6 +21,8 @@ except ImportError:  # running from a checkout without an installed package
 from frankenllama.order import (
     MAX_OVERRIDE_BYTES,
     MAX_POSITIONS,
+    LayerOrderError,
+    check_kv_overrides,
     format_spec,
     override_chunks,
     override_key_name,
@@ -97,7 +99,7 @@ def test_accept(spec: str, n_layers: int | None, expected: list[int]) -> None:
 
 @pytest.mark.parametrize(("spec", "n_layers", "fragment"), REJECT)
 def test_reject(spec: str, n_layers: int | None, fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LayerOrderError) as info:
         parse_spec(spec, n_layers)
     assert fragment in str(info.value)
 
@@ -118,6 +120,20 @@ def test_parse_rejects_bad_n_layers(bad: object) -> None:
 def test_parse_rejects_non_string() -> None:
     with pytest.raises(ValueError, match="must be a string"):
         parse_spec([0, 1])  # type: ignore[arg-type]
+
+
+def test_layer_order_error_is_a_value_error() -> None:
+    import frankenllama
+
+    assert frankenllama.LayerOrderError is LayerOrderError
+    assert issubclass(LayerOrderError, ValueError)
+
+
+@pytest.mark.parametrize(("spec", "column"), [("0-5\x00junk", 4), ("\x00", 1), ("0,1\x00", 4)])
+def test_parse_rejects_nul(spec: str, column: int) -> None:
+    """The C parser reads a C string and would stop at the NUL, running "0-5" for "0-5\\0junk"."""
+    with pytest.raises(LayerOrderError, match=rf"NUL character \('\\x00'\) at column {column}\b"):
+        parse_spec(spec)
 
 
 # ------------------------------------------------------------------ format_spec
@@ -159,7 +175,7 @@ def test_format_spec(order: list[int], spec: str) -> None:
     ],
 )
 def test_format_spec_rejects(order: object, fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LayerOrderError) as info:
         format_spec(order)  # type: ignore[arg-type]
     assert fragment in str(info.value)
 
@@ -191,7 +207,7 @@ def test_validate_order_accepts_and_copies() -> None:
     ],
 )
 def test_validate_order_rejects(order: object, n_layers: object, fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LayerOrderError) as info:
         validate_order(order, n_layers)  # type: ignore[arg-type]
     assert fragment in str(info.value)
 
@@ -252,6 +268,56 @@ def test_override_keys_short() -> None:
 def test_override_keys_rejects_bad_arch(arch: object) -> None:
     with pytest.raises(ValueError, match="arch"):
         override_keys(arch, [0])  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ check_kv_overrides
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        None,
+        {},
+        {"llama.layer_order": "0-3"},
+        override_keys("llama", list(range(0, 512, 2))),
+        {"llama.block_count": 4, "qwen2.block_count": 4, "general.name": "x"},
+        {"frankenllama.source_layer_order": "0-3", "llama.layer_orders": "x"},
+        {"llama.layer_order": 5},  # a wrong type is llama.cpp's to report (it does, clearly)
+    ],
+)
+def test_check_kv_overrides_accepts(overrides: dict | None) -> None:
+    check_kv_overrides("llama", overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        # continuation keys llama.cpp never reads: only .1, .2, ... continue an order
+        ({"llama.layer_order": "0,", "llama.layer_order.0": "1"}, "llama.layer_order.0"),
+        ({"llama.layer_order": "0,", "llama.layer_order.1": "1,", "llama.layer_order.01": "2"},
+         "llama.layer_order.01"),
+        ({"llama.layer_order": "0", "llama.layer_order.x": "1"}, "llama.layer_order.x"),
+        ({"llama.layer_order": "0", "llama.layer_order.": "1"}, "llama.layer_order."),
+        # another architecture's key: llama.cpp reads only <model arch>.layer_order
+        ({"qwen2.layer_order": "3-0"}, "qwen2.layer_order"),
+        ({"llama.layer_order": "0,", "qwen2.layer_order.1": "1"}, "qwen2.layer_order.1"),
+        ({"llama.layer_order": "0-5\x00junk"}, "llama.layer_order"),  # llama.cpp would run 0-5
+    ],
+)
+def test_check_kv_overrides_rejects(overrides: dict, key: str) -> None:
+    with pytest.raises(LayerOrderError) as info:
+        check_kv_overrides("llama", overrides)
+    assert repr(key) in str(info.value)
+
+
+def test_check_kv_overrides_says_what_to_do() -> None:
+    with pytest.raises(LayerOrderError, match=r"for the 'qwen2' architecture, but the model is 'llama'.*"
+                                              r"use 'llama\.layer_order'"):
+        check_kv_overrides("llama", {"qwen2.layer_order": "0"})
+    with pytest.raises(LayerOrderError, match=r"reads only llama\.layer_order, llama\.layer_order\.1, "):
+        check_kv_overrides("llama", {"llama.layer_order.0": "0"})
+    with pytest.raises(LayerOrderError, match="arch"):
+        check_kv_overrides("", {})
 
 
 def test_override_keys_rejects_bad_order() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ try:
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from frankenllama.order import MAX_POSITIONS, format_spec, parse_spec
+from frankenllama.order import MAX_POSITIONS, LayerOrderError, format_spec, parse_spec
 from frankenllama.recipes import (
     CLASSIC_RECIPES,
     drop,
@@ -157,7 +159,7 @@ def test_resolve_mapping() -> None:
     ],
 )
 def test_resolve_rejects(recipe: object, n_layers: object, fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LayerOrderError) as info:
         resolve(recipe, n_layers)  # type: ignore[arg-type]
     assert fragment in str(info.value)
 
@@ -209,7 +211,7 @@ def test_rewind_examples() -> None:
     ],
 )
 def test_rewind_rejects(args: tuple[object, ...], fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LayerOrderError) as info:
         rewind(*args)  # type: ignore[arg-type]
     assert fragment in str(info.value)
 
@@ -235,7 +237,7 @@ def test_repeat_block() -> None:
     ],
 )
 def test_repeat_block_rejects(args: tuple[object, ...], fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LayerOrderError) as info:
         repeat_block(*args)  # type: ignore[arg-type]
     assert fragment in str(info.value)
 
@@ -295,9 +297,75 @@ def test_drop() -> None:
     ],
 )
 def test_drop_rejects(indices: object, n_layers: object, fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LayerOrderError) as info:
         drop(indices, n_layers)  # type: ignore[arg-type]
     assert fragment in str(info.value)
+
+
+# Each call would build a list of about a billion layers if it checked the length afterwards.
+HUGE_CALLS = [
+    "rys(8, 16, 10**9)",
+    "drop([3], 10**9)",
+    "rewind(10**9, 10**9, 0)",
+    "rewind(10**9, 400, 0)",
+    "repeat_block(0, 1, 10**9, 4)",
+    "from_half_open_ranges([(0, 10**9)])",
+    "from_mergekit_yaml('slices: [{sources: [{model: m, layer_range: [0, 1000000000]}]}]')",
+    "from_block_file('WeightBlock; 0; 999999999; 0; -1')",
+    "resolve('0-999999999', 10**9)",
+]
+
+
+def test_generators_refuse_huge_orders_before_building_them() -> None:
+    """Under a 1 GiB address-space limit (a subprocess, so that a regression cannot exhaust this
+    machine's memory) every call answers with LayerOrderError about the number of positions."""
+    code = textwrap.dedent(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        from frankenllama.order import LayerOrderError
+        from frankenllama.recipes import *
+        for call in {HUGE_CALLS!r}:
+            try:
+                eval(call)
+            except LayerOrderError as err:
+                print("REFUSED", err)
+            except BaseException as err:
+                print("FAILED", call, type(err).__name__, err)
+            else:
+                print("ACCEPTED", call)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(HUGE_CALLS), proc.stdout
+    for line in lines:
+        assert line.startswith("REFUSED") and str(MAX_POSITIONS) in line, line
+
+
+def test_huge_n_layers_is_fine_for_short_orders() -> None:
+    """A big n_layers alone costs nothing: only orders are built, never a list of all layers."""
+    assert resolve("0-3", 10**9) == [0, 1, 2, 3]
+    assert rys(0, 2, 510) == list(range(2)) + list(range(510))
+    assert drop(list(range(4, 10**4)), 10**4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: resolve("0-5\x00junk", 8),
+        lambda: resolve("0..5\x00junk", 8),
+        lambda: resolve("merge\x00.yaml", 8),
+        lambda: resolve(Path("merge\x00.yaml"), 8),
+        lambda: from_exl3_spec("0..3\x00"),
+        lambda: from_block_file("WeightBlock; 0; 1; 0; -1\x00junk"),
+        lambda: from_mergekit_yaml("slices: []\x00"),
+    ],
+    ids=["spec", "exl3", "yaml-path", "path-object", "exl3-direct", "block-text", "yaml-text"],
+)
+def test_nul_is_refused_by_name(call) -> None:
+    """llama.cpp reads C strings: what follows a NUL would silently vanish."""
+    with pytest.raises(LayerOrderError, match=r"NUL character \('\\x00'\) at column \d+"):
+        call()
 
 
 # ------------------------------------------------------------------ mergekit
@@ -377,7 +445,7 @@ def _slice(model: str = "m", layer_range: object = (0, 2), **extra: object) -> d
     ],
 )
 def test_mergekit_config_rejects(config: object, fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LayerOrderError) as info:
         from_mergekit_config(config)
     assert fragment in str(info.value)
 
@@ -401,7 +469,7 @@ def test_mergekit_end_beyond_model() -> None:
     ],
 )
 def test_mergekit_models_rejects(kwargs: dict[str, object], fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LayerOrderError) as info:
         from_mergekit_yaml(TWO_MODEL_YAML, **kwargs)  # type: ignore[arg-type]
     assert fragment in str(info.value)
 
@@ -511,7 +579,7 @@ def test_block_file_three_blocks() -> None:
     ],
 )
 def test_block_file_rejects(text: str, fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LayerOrderError) as info:
         from_block_file(text)
     assert fragment in str(info.value)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import sys
 import threading
 from functools import lru_cache
@@ -181,6 +182,20 @@ def capture_llama_log() -> Iterator[list[tuple[int, str]]]:
         del captures[next(i for i, c in enumerate(captures) if c is records)]
 
 
+#: the ``__func__: `` that starts llama.cpp's log lines (``llama_model_set_layer_order: ``)
+_C_FUNCTION_PREFIX = re.compile(r"(?:llama|ggml|gguf)_\w*: ")
+
+
 def log_errors(records: list[tuple[int, str]]) -> list[str]:
-    """The error lines of a captured log."""
-    return [text.strip() for level, text in records if level == GGML_LOG_LEVEL_ERROR]
+    """The error lines of a captured log, without the name of the C function that logged them.
+
+    Messages carry their own tag (``layer_order: ...``); the function name before it may end with
+    the same words (``llama_model_set_layer_order: layer_order: ...``), which would read twice.
+    """
+    errors = []
+    for level, text in records:
+        if level == GGML_LOG_LEVEL_ERROR:
+            line = text.strip()
+            prefix = _C_FUNCTION_PREFIX.match(line)
+            errors.append(line[prefix.end():] if prefix else line)
+    return errors

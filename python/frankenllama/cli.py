@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .gguf_info import read_gguf_info
-from .order import format_spec, parse_spec
+from .gguf_info import GGUFInfo, check_header
+from .order import MAX_LAYERS, MAX_POSITIONS, format_spec, parse_spec
 from .recipes import drop, resolve, rewind, rys
 
 PROG = "frankenllama"
@@ -143,7 +143,7 @@ def _read_stats(path: str | Path) -> _ModelStats:
     from .gguf_tools import ModelFile
 
     path = Path(path)
-    info = read_gguf_info(path)  # friendly errors for missing or broken files
+    info = check_header(path)  # friendly errors for broken files, before gguf-py reads them
     model = ModelFile(path)
     arch, n_layer = info.arch, info.n_layer
     field = model.field
@@ -257,7 +257,7 @@ def _new_llama(model: Path | str, order: Sequence[int] | None, verbose: bool, **
 def _load(model: Path | str, order: Sequence[int] | None, *, verbose: bool = False, **kwargs: Any) -> Any:
     """Load a model with a progress line; Llama's own errors come back as ValueError."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    _err(f"loading {model} ({_describe(order, read_gguf_info(model).n_layer)})...")
+    _err(f"loading {model} ({_describe(order, check_header(model).n_layer)})...")
     return _new_llama(model, order, verbose, **kwargs)
 
 
@@ -310,13 +310,17 @@ def _generate(llm: Any, prompt: str, *, n_predict: int, temperature: float, chat
         finish = choice.get("finish_reason") or finish
     seconds = time.perf_counter() - start
     perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
-    # Generated tokens are decoded one at a time (n_eval), except the last one when the run stops
-    # at max_tokens; an end-of-text token is sampled but neither decoded nor returned.  A one-token
-    # prompt is decoded alone too and lands in n_eval instead of n_p_eval.
-    one_token_prompt = perf.n_p_eval == 0 and perf.n_eval > 0
-    decoded = perf.n_eval - one_token_prompt
+    # Generated tokens are decoded one at a time, except the last one when the run stops at
+    # max_tokens; an end-of-text token is sampled but neither decoded nor returned.  A one-token
+    # prompt is decoded alone too.  llama_perf_context reports max(1, count) for both counters, so
+    # they cannot say 0: count from the positions the context holds (the model was loaded for this
+    # run, so all of them were decoded now) and from the prompt batches, which hold 2+ tokens.
+    batched = perf.n_p_eval if perf.n_p_eval > 1 else 0
+    single = llm.n_tokens - batched          # tokens decoded one at a time
+    one_token_prompt = batched == 0 and single > 0
+    decoded = single - one_token_prompt
     tokens = decoded + (finish == "length")
-    return _Generated("".join(pieces), tokens, seconds, perf.n_p_eval + one_token_prompt,
+    return _Generated("".join(pieces), tokens, seconds, batched + one_token_prompt,
                       perf.t_p_eval_ms / 1000, decoded, perf.t_eval_ms / 1000)
 
 
@@ -330,7 +334,7 @@ def _write_stdout(text: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     model = _check_model(args.model)
-    info = read_gguf_info(model)
+    info = check_header(model)
     order = _resolve_order(args, info.n_layer)
     if args.n_predict < 1:
         raise ValueError(f"--n-predict must be at least 1, got {args.n_predict}")
@@ -347,12 +351,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_support(model: Path, n_layer: int) -> tuple[bool, str]:
+def _check_support(model: Path, info: GGUFInfo) -> tuple[bool, str]:
     """Load the model with a non-trivial order (layer 0 twice); report whether llama.cpp accepts it.
 
-    A load that fails with the order but succeeds without it means the order is refused.
+    A load that fails with the order but succeeds without it means the order is refused.  The
+    order is cut to the positions llama.cpp allows (512 less the nextn/MTP blocks).
     """
-    order = [0, 0] + list(range(1, n_layer))
+    order = ([0] + list(range(info.n_layer)))[:MAX_POSITIONS - info.n_layer_nextn]
     small = dict(n_ctx=32, n_batch=32, n_threads=1, n_threads_batch=1)
     try:
         llm = _new_llama(model, order, False, **small)
@@ -387,10 +392,10 @@ def _layer_table(stats: _ModelStats) -> list[str]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     model = _check_model(args.model)
-    info = read_gguf_info(model)
+    info = check_header(model)
     stats = _read_stats(model)
     _err(f"loading {model} to check layer-order support...")
-    supported, detail = _check_support(model, info.n_layer)
+    supported, detail = _check_support(model, info)
     out = [
         f"model:          {model}",
         f"architecture:   {info.arch}",
@@ -419,8 +424,9 @@ def cmd_order(args: argparse.Namespace) -> int:
         if args.n_layers is not None and args.n_layers != n_layers:
             raise ValueError(f"--n-layers {args.n_layers} does not match the model's {n_layers} layers")
     elif args.n_layers is not None:
-        if args.n_layers < 1:
-            raise ValueError(f"--n-layers must be at least 1, got {args.n_layers}")
+        if not 1 <= args.n_layers <= MAX_LAYERS:
+            raise ValueError(f"--n-layers must be 1..{MAX_LAYERS} (the most decoder blocks llama.cpp "
+                             f"loads), got {args.n_layers}")
         n_layers = args.n_layers
     else:
         raise ValueError("give a model (-m MODEL) or the number of weight layers (--n-layers N)")
@@ -430,7 +436,7 @@ def cmd_order(args: argparse.Namespace) -> int:
 
     distinct = sorted(set(order))
     repeated = sorted({il for il in order if order.count(il) > 1})
-    unused = [il for il in range(n_layers) if il not in set(order)]
+    unused = sorted(set(range(n_layers)) - set(distinct))
     out = [
         f"order:          {format_spec(order)}",
         f"depth:          {len(order)} positions ({_ratio(len(order), n_layers)} of {n_layers} weight layers)",
@@ -473,7 +479,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     from .gguf_tools import materialize
 
     model = _check_model(args.model)
-    info = read_gguf_info(model)
+    info = check_header(model)
     order = _resolve_order(args, info.n_layer)
     if order is None:
         raise ValueError("give an order: --layer-order, --recipe, --rewind, --rys or --drop")
@@ -517,7 +523,7 @@ def _demo_model() -> Path:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     model = _demo_model()
-    n_layer = read_gguf_info(model).n_layer
+    n_layer = check_header(model).n_layer
     print(f"model:  {model.name} ({n_layer} layers)\nprompt: {args.prompt!r}\n")
     rows: list[tuple[str, list[int], _Generated]] = []
     for label, spec in DEMO_ORDERS:

@@ -3,9 +3,15 @@
 The header is read with ggml's own GGUF reader (``gguf_init_from_file`` in the packaged
 libggml-base, through cffi): it is what llama.cpp will read, and it is fast where a pure-Python
 reader spends seconds on the tokenizer arrays.
+
+:func:`check_header` also refuses, with a ValueError, the headers on which llama.cpp would abort
+the whole process in an assert instead of failing the load (a block count of 0 or above
+``LLAMA_MAX_LAYERS``, more nextn/MTP blocks than blocks), kv_overrides included.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +20,9 @@ from typing import Any
 import cffi
 
 from ._native import native_library_dir
+from .order import MAX_LAYERS, check_kv_overrides
+
+__all__ = ["GGUFInfo", "check_header", "read_gguf_info"]
 
 _CDEF = """
 struct gguf_context;
@@ -63,16 +72,9 @@ def _int(ffi: Any, lib: Any, ctx: Any, key: str) -> int | None:
     return None if getter is None else int(getter(ctx, kid))
 
 
-def read_gguf_info(path: str | Path) -> GGUFInfo:
-    """Read the architecture and block count of a GGUF model (header only).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is not a GGUF model llama.cpp could load (the message says why).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+def _read_header(path: Path) -> tuple[str, int | None, int | None]:
+    """``general.architecture``, ``<arch>.block_count`` and ``<arch>.nextn_predict_layers`` of a
+    GGUF file (None for a missing or non-integer key); ValueError for a file ggml cannot read."""
     ffi, lib = _ggml_base()
     params = ffi.new("struct gguf_init_params *", {"no_alloc": True, "ctx": ffi.NULL})
     ctx = lib.gguf_init_from_file(str(path).encode(), params[0])
@@ -83,13 +85,77 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
         if kid < 0 or lib.gguf_get_kv_type(ctx, kid) != _STRING:
             raise ValueError(f"{path} has no general.architecture: not a llama.cpp model")
         arch = ffi.string(lib.gguf_get_val_str(ctx, kid)).decode()
-        n_blocks = _int(ffi, lib, ctx, f"{arch}.block_count")
-        if not n_blocks or n_blocks <= 0:
-            raise ValueError(f"{path} has no {arch}.block_count: it has no decoder blocks to order")
-        n_nextn = _int(ffi, lib, ctx, f"{arch}.nextn_predict_layers") or 0
+        return (arch, _int(ffi, lib, ctx, f"{arch}.block_count"),
+                _int(ffi, lib, ctx, f"{arch}.nextn_predict_layers"))
     finally:
         lib.gguf_free(ctx)
+
+
+def _effective(path: Path, key: str, stored: int | None,
+               kv_overrides: Mapping[str, Any]) -> tuple[int | None, str, str]:
+    """The value llama.cpp will use for the integer key ``key`` (an int override replaces the
+    file's), where it comes from and what to do about a bad one, for error messages."""
+    if key not in kv_overrides:
+        return stored, f"{path} has {key}", "the file is broken: convert or download it again"
+    value = kv_overrides[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        # llama.cpp would ignore it with a warning and use the file's value
+        raise ValueError(f"kv_overrides[{key!r}] must be an int, got {value!r}")
+    return value, f"kv_overrides sets {key}", "fix or remove the override"
+
+
+def check_header(path: str | os.PathLike[str], kv_overrides: Mapping[str, Any] | None = None) -> GGUFInfo:
+    """Read a model's GGUF header and check it before llama.cpp loads it.
+
+    Refuses what llama.cpp would not fail on cleanly but abort the process for (an upstream
+    ``GGML_ASSERT``), with ``kv_overrides`` applied the way llama.cpp applies them (an int value
+    replaces the file's): ``<arch>.block_count`` must be 1..512 (``LLAMA_MAX_LAYERS``) and
+    ``<arch>.nextn_predict_layers`` at most the block count.  The layer-order override keys are
+    checked with :func:`frankenllama.order.check_kv_overrides`.
+
+    Raises:
+        ValueError: ``Model path does not exist: {path}`` (llama-cpp-python's wording) for a
+            missing path, ``Model path is not a readable file: ...`` for a folder or a file that
+            cannot be opened, otherwise a message naming the file or override, the key and the
+            value.  Layer-order override keys raise :class:`~frankenllama.order.LayerOrderError`.
+    """
+    if not os.path.exists(path):
+        raise ValueError(f"Model path does not exist: {path}")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValueError(f"Model path is not a readable file: {path}")
+    path = Path(path)
+    overrides: Mapping[str, Any] = kv_overrides or {}
+    arch, stored_blocks, stored_nextn = _read_header(path)
+    check_kv_overrides(arch, overrides)
+    key = f"{arch}.block_count"
+    n_blocks, source, fix = _effective(path, key, stored_blocks, overrides)
+    if n_blocks is None:
+        raise ValueError(f"{path} has no {key}: it has no decoder blocks to order")
+    if not 1 <= n_blocks <= MAX_LAYERS:
+        raise ValueError(
+            f"{source} = {n_blocks}, but llama.cpp loads 1..{MAX_LAYERS} decoder blocks "
+            f"(LLAMA_MAX_LAYERS); {fix}"
+        )
+    key_nextn = f"{arch}.nextn_predict_layers"
+    n_nextn, source, fix = _effective(path, key_nextn, stored_nextn, overrides)
+    n_nextn = n_nextn or 0
+    if not 0 <= n_nextn <= n_blocks:
+        raise ValueError(f"{source} = {n_nextn}, but the model has {n_blocks} blocks ({key}); {fix}")
     return GGUFInfo(path=path, arch=arch, n_layer=n_blocks - n_nextn, n_layer_nextn=n_nextn)
+
+
+def read_gguf_info(path: str | Path) -> GGUFInfo:
+    """Read the architecture and block count of a GGUF model (header only), checked like
+    :func:`check_header` without overrides.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a GGUF model llama.cpp could load (the message says why).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    return check_header(path)
 
 
 _ARRAY_CDEF = """

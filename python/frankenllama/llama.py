@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import threading
 from typing import Any, Generator, Iterator, Sequence
 
@@ -30,7 +29,7 @@ import llama_cpp._internals as internals
 from llama_cpp.llama import LlamaState
 
 from . import _native
-from .gguf_info import read_gguf_info, read_stored_order
+from .gguf_info import check_header, read_stored_order
 from .order import format_spec, override_keys
 from .recipes import Recipe, resolve
 from .rpc import add_rpc_servers
@@ -100,8 +99,8 @@ class Llama(llama_cpp.Llama):
         self._cache_view: OrderKeyedCache | None = None
         self._rpc_servers = list(rpc_servers) if rpc_servers else None
         self._user_kv_overrides = kwargs.get("kv_overrides")
-        if not os.path.exists(model_path):
-            raise ValueError(f"Model path does not exist: {model_path}")
+        # before llama.cpp sees the file: a block count it would assert on, a misspelled order override
+        info = check_header(model_path, kwargs.get("kv_overrides"))
         if rpc_servers:
             add_rpc_servers(rpc_servers)
         requested: list[int] | None = None
@@ -109,7 +108,6 @@ class Llama(llama_cpp.Llama):
             if kwargs.get("vocab_only"):
                 raise ValueError("vocab_only=True loads no decoder blocks, so a layer_order has nothing to "
                                  "run: leave layer_order out for a vocabulary-only model")
-            info = read_gguf_info(model_path)
             requested = resolve(layer_order, info.n_layer)
             kwargs["kv_overrides"] = _merge_overrides(kwargs.get("kv_overrides"), override_keys(info.arch, requested))
 

@@ -34,14 +34,19 @@ whitespace around them::
   id).  The block covers execution positions ``start..end`` **inclusive** and runs
   weights ``weight_start, weight_start + 1, ..., weight_start + (end - start)``.
   ``input_block`` is the id of the block feeding it, ``-1`` for the token embedding.
-* ``MergeBlock ...`` -- not supported yet (ValueError).
+* ``MergeBlock ...`` -- not supported yet (LayerOrderError).
 
 The blocks must form one chain: exactly one block reads the embedding and starts at
 position 0, every other block reads the block that ends right before it
 (``start == input.end + 1``), no block feeds two blocks, and every block is on the
 chain.  The chain's weights, block after block, are the order.
 
-Generators: :func:`rewind`, :func:`repeat_block`, :func:`rys`, :func:`drop`.
+Generators: :func:`rewind`, :func:`repeat_block`, :func:`rys`, :func:`drop`; they check the
+length of the order they would build (at most ``MAX_POSITIONS``) before building it.
+
+Every function raises :class:`~frankenllama.order.LayerOrderError` (a ValueError) for bad
+input, naming the bad item or line.
+
 Named classic recipes (data for tests and docs): :data:`CLASSIC_RECIPES`.
 """
 
@@ -56,7 +61,14 @@ from typing import Any, Union
 
 import yaml
 
-from .order import MAX_POSITIONS, WHITESPACE, parse_spec, validate_order
+from .order import (
+    MAX_POSITIONS,
+    WHITESPACE,
+    LayerOrderError,
+    _reject_nul,
+    parse_spec,
+    validate_order,
+)
 
 __all__ = [
     "Recipe",
@@ -88,16 +100,16 @@ def _is_int(value: object) -> bool:
 
 
 def _require_int(value: object, what: str) -> int:
-    """Return ``value`` as an int or raise ValueError naming ``what``."""
+    """Return ``value`` as an int or raise LayerOrderError naming ``what``."""
     if not _is_int(value):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
+        raise LayerOrderError(f"{what} must be an integer, got {value!r}")
     return int(value)
 
 
 def _check_n_layers(n_layers: object) -> int:
-    """Return a positive layer count or raise ValueError."""
+    """Return a positive layer count or raise LayerOrderError."""
     if not _is_int(n_layers) or int(n_layers) < 1:
-        raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
+        raise LayerOrderError(f"n_layers must be a positive integer, got {n_layers!r}")
     return int(n_layers)
 
 
@@ -108,6 +120,8 @@ def _looks_like_path(value: str, suffixes: tuple[str, ...]) -> bool:
 
 def _read_text(value: str | Path, suffixes: tuple[str, ...], kind: str) -> str:
     """Return file contents for a path (Path, or str ending in ``suffixes``), else text."""
+    if isinstance(value, (str, Path)):
+        _reject_nul(str(value), f"{kind} text or path")
     if isinstance(value, str) and _looks_like_path(value, suffixes):
         value = Path(value.strip())
     if isinstance(value, Path):
@@ -116,10 +130,10 @@ def _read_text(value: str | Path, suffixes: tuple[str, ...], kind: str) -> str:
             return path.read_text(encoding="utf-8")
         except OSError as err:
             reason = err.strerror or err
-            raise ValueError(f"cannot read {kind} file {str(path)!r}: {reason}") from err
+            raise LayerOrderError(f"cannot read {kind} file {str(path)!r}: {reason}") from err
     if isinstance(value, str):
         return value
-    raise ValueError(f"expected {kind} text or a path, got {type(value).__name__}")
+    raise LayerOrderError(f"expected {kind} text or a path, got {type(value).__name__}")
 
 
 # --------------------------------------------------------------------------- resolve
@@ -130,9 +144,11 @@ def resolve(recipe: Recipe, n_layers: int, *, models: Sequence[str] | None = Non
 
     See the module docstring for the accepted forms.  ``models`` is passed to
     :func:`from_mergekit_yaml` for multi-model mergekit recipes on a stacked file.
-    Raises ValueError naming the bad item or line.
+    Raises LayerOrderError (a ValueError) naming the bad item or line.
     """
     n_layers = _check_n_layers(n_layers)
+    if isinstance(recipe, (str, Path)):
+        _reject_nul(str(recipe), "recipe")
     if isinstance(recipe, Path):
         order = _resolve_file(recipe, n_layers, models)
     elif isinstance(recipe, str):
@@ -142,7 +158,7 @@ def resolve(recipe: Recipe, n_layers: int, *, models: Sequence[str] | None = Non
     elif isinstance(recipe, Sequence) and not isinstance(recipe, (bytes, bytearray)):
         order = _resolve_sequence(recipe)
     else:
-        raise ValueError(
+        raise LayerOrderError(
             f"unsupported recipe type {type(recipe).__name__}: give a list of layer "
             f"indices, a spec string like '0-15,8-23', or a .yaml/.txt recipe path"
         )
@@ -156,7 +172,7 @@ def _resolve_file(path: Path, n_layers: int, models: Sequence[str] | None) -> li
         return from_mergekit_yaml(path, n_layers=n_layers, models=models)
     if suffix in BLOCK_SUFFIXES:
         return from_block_file(path)
-    raise ValueError(
+    raise LayerOrderError(
         f"recipe file {str(path)!r}: unknown suffix {path.suffix!r}; use .yaml/.yml for "
         f"mergekit configs or .txt/.blocks for Llama Blocks block files"
     )
@@ -178,7 +194,7 @@ def _resolve_sequence(recipe: Sequence[Any]) -> list[int]:
     :func:`from_half_open_ranges` or :func:`~frankenllama.order.validate_order`.
     """
     if len(recipe) == 0:
-        raise ValueError("empty recipe: a layer order needs at least one position")
+        raise LayerOrderError("empty recipe: a layer order needs at least one position")
     if _is_pair_like(recipe[0]):
         return from_half_open_ranges(recipe)
     return list(recipe)
@@ -195,21 +211,21 @@ def from_half_open_ranges(ranges: Sequence[Sequence[int]]) -> list[int]:
     Each pair needs integer ``0 <= start < end``.
     """
     if len(ranges) == 0:
-        raise ValueError("empty range list: give at least one (start, end) pair")
+        raise LayerOrderError("empty range list: give at least one (start, end) pair")
     order: list[int] = []
     for index, pair in enumerate(ranges):
         what = f"range {index} {pair!r}"
         if not _is_pair_like(pair) or len(pair) != 2:
-            raise ValueError(f"{what}: expected a (start, end) pair")
+            raise LayerOrderError(f"{what}: expected a (start, end) pair")
         start = _require_int(pair[0], f"{what}: start")
         end = _require_int(pair[1], f"{what}: end")
         if not 0 <= start < end:
-            raise ValueError(
+            raise LayerOrderError(
                 f"{what}: half-open ranges need 0 <= start < end (end is excluded, so "
                 f"(0, 20) runs layers 0..19)"
             )
         if len(order) + end - start > MAX_POSITIONS:
-            raise ValueError(f"{what}: the order would exceed {MAX_POSITIONS} positions")
+            raise LayerOrderError(f"{what}: the order would exceed {MAX_POSITIONS} positions")
         order.extend(range(start, end))
     return order
 
@@ -222,14 +238,15 @@ def from_exl3_spec(spec: str, n_layers: int | None = None) -> list[int]:
     :func:`~frankenllama.order.parse_spec` (with ``n_layers`` when given).
     """
     if not isinstance(spec, str):
-        raise ValueError(f"exllamav3 range spec must be a string, got {type(spec).__name__}")
+        raise LayerOrderError(f"exllamav3 range spec must be a string, got {type(spec).__name__}")
+    _reject_nul(spec, "exllamav3 range spec")
     items = "".join(ch for ch in spec if ch not in WHITESPACE).split(",")
     translated: list[str] = []
     for index, item in enumerate(items, start=1):
         match = _EXL3_ITEM.fullmatch(item)
         if match is None:
             hint = " (do not mix '-' and '..' ranges)" if "-" in item else ""
-            raise ValueError(
+            raise LayerOrderError(
                 f"exllamav3 range item {index} {item!r}: expected an index or an inclusive "
                 f"range 'a..b'{hint}, e.g. '0..15,8..23'"
             )
@@ -253,19 +270,19 @@ def rewind(n_layers: int, compute: int = 16, rewind: int = 8) -> list[int]:
     compute = _require_int(compute, "compute")
     back = _require_int(rewind, "rewind")
     if not compute > back >= 0:
-        raise ValueError(
+        raise LayerOrderError(
             f"rewind needs compute > rewind >= 0, got compute={compute}, rewind={back}"
         )
     order: list[int] = []
     start = 0
     while True:
         end = min(start + compute, n_layers)
-        order.extend(range(start, end))
-        if len(order) > MAX_POSITIONS:
-            raise ValueError(
+        if len(order) + end - start > MAX_POSITIONS:
+            raise LayerOrderError(
                 f"rewind(n_layers={n_layers}, compute={compute}, rewind={back}) exceeds "
                 f"{MAX_POSITIONS} positions; use a larger compute - rewind step"
             )
+        order.extend(range(start, end))
         if end == n_layers:
             return validate_order(order, n_layers)
         start += compute - back
@@ -277,7 +294,7 @@ def _check_block(i: int, j: int, n_layers: int) -> tuple[int, int, int]:
     i = _require_int(i, "i")
     j = _require_int(j, "j")
     if not 0 <= i <= j <= n_layers:
-        raise ValueError(
+        raise LayerOrderError(
             f"block [{i}, {j}) needs 0 <= i <= j <= n_layers ({n_layers}); the block runs "
             f"layers i..j-1"
         )
@@ -293,9 +310,9 @@ def repeat_block(i: int, j: int, times: int, n_layers: int) -> list[int]:
     i, j, n_layers = _check_block(i, j, n_layers)
     times = _require_int(times, "times")
     if times < 0:
-        raise ValueError(f"times must be >= 0, got {times}")
+        raise LayerOrderError(f"times must be >= 0, got {times}")
     if j + times * (j - i) + (n_layers - j) > MAX_POSITIONS:
-        raise ValueError(
+        raise LayerOrderError(
             f"repeat_block({i}, {j}, times={times}) on {n_layers} layers exceeds "
             f"{MAX_POSITIONS} positions; repeat fewer times"
         )
@@ -310,6 +327,11 @@ def rys(i: int, j: int, n_layers: int) -> list[int]:
     sweep.  Needs ``0 <= i <= j <= n_layers``.
     """
     i, j, n_layers = _check_block(i, j, n_layers)
+    if j + n_layers - i > MAX_POSITIONS:
+        raise LayerOrderError(
+            f"rys({i}, {j}) on {n_layers} layers has {j + n_layers - i} positions, more than "
+            f"{MAX_POSITIONS}"
+        )
     return validate_order(list(range(0, j)) + list(range(i, n_layers)), n_layers)
 
 
@@ -320,19 +342,24 @@ def drop(indices: Sequence[int], n_layers: int) -> list[int]:
     """
     n_layers = _check_n_layers(n_layers)
     if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence):
-        raise ValueError(f"drop() needs a list of layer indices, got {indices!r}")
+        raise LayerOrderError(f"drop() needs a list of layer indices, got {indices!r}")
     dropped: set[int] = set()
     for position, value in enumerate(indices):
         layer = _require_int(value, f"drop index {position}")
         if not 0 <= layer < n_layers:
-            raise ValueError(
+            raise LayerOrderError(
                 f"drop index {position}: layer {layer} is out of range for a model with "
                 f"{n_layers} layers (valid 0..{n_layers - 1})"
             )
         dropped.add(layer)
+    if len(dropped) == n_layers:
+        raise LayerOrderError("drop() would remove every layer; keep at least one")
+    if n_layers - len(dropped) > MAX_POSITIONS:
+        raise LayerOrderError(
+            f"drop() would keep {n_layers - len(dropped)} of {n_layers} layers, more than "
+            f"{MAX_POSITIONS} positions"
+        )
     order = [layer for layer in range(n_layers) if layer not in dropped]
-    if not order:
-        raise ValueError("drop() would remove every layer; keep at least one")
     return validate_order(order, n_layers)
 
 
@@ -360,7 +387,7 @@ def from_mergekit_yaml(
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ValueError(f"mergekit config is not valid YAML: {err}") from err
+        raise LayerOrderError(f"mergekit config is not valid YAML: {err}") from err
     return from_mergekit_config(config, n_layers=n_layers, models=models)
 
 
@@ -371,27 +398,27 @@ def from_mergekit_config(
 ) -> list[int]:
     """Order from an already-loaded mergekit config; see :func:`from_mergekit_yaml`."""
     if not isinstance(config, Mapping):
-        raise ValueError(
+        raise LayerOrderError(
             "mergekit config must be a mapping with a 'slices' list "
             "(slices: - sources: - model: X, layer_range: [a, b])"
         )
     method = config.get("merge_method")
     if method is not None and str(method).strip().lower() != "passthrough":
-        raise ValueError(
+        raise LayerOrderError(
             f"merge_method {method!r} is not supported: frankenllama only reorders layers, "
             f"so only 'passthrough' configs can be run"
         )
     slices = config.get("slices")
     if not isinstance(slices, list) or not slices:
         hint = " ('models:' lists whole models, not layer slices)" if "models" in config else ""
-        raise ValueError(f"mergekit config needs a non-empty 'slices' list{hint}")
+        raise LayerOrderError(f"mergekit config needs a non-empty 'slices' list{hint}")
     parsed = [_parse_slice(number, entry) for number, entry in enumerate(slices, start=1)]
     if n_layers is not None:
         n_layers = _check_n_layers(n_layers)
     names = list(dict.fromkeys(model for model, _, _, _ in parsed))
     if models is None:
         if len(names) > 1:
-            raise ValueError(
+            raise LayerOrderError(
                 f"mergekit config uses {len(names)} models ({', '.join(map(repr, names))}); "
                 f"stack them into one file first (frankenllama stack) and pass "
                 f"models=[...] in stacking order"
@@ -404,36 +431,36 @@ def _parse_slice(number: int, entry: Any) -> tuple[str, int, int, str]:
     """Validate one slice; returns (model, start, end, description)."""
     where = f"mergekit slice {number}"
     if not isinstance(entry, Mapping) or "sources" not in entry:
-        raise ValueError(f"{where}: expected a mapping with 'sources'")
+        raise LayerOrderError(f"{where}: expected a mapping with 'sources'")
     extra = set(entry) - _SLICE_KEYS
     if extra:
-        raise ValueError(
+        raise LayerOrderError(
             f"{where}: unsupported key(s) {sorted(map(str, extra))}; frankenllama only "
             f"reorders layers (no per-slice parameters)"
         )
     sources = entry["sources"]
     if not isinstance(sources, list) or len(sources) != 1:
-        raise ValueError(f"{where}: passthrough needs exactly one source per slice")
+        raise LayerOrderError(f"{where}: passthrough needs exactly one source per slice")
     source = sources[0]
     if not isinstance(source, Mapping):
-        raise ValueError(f"{where}: source must be a mapping with 'model' and 'layer_range'")
+        raise LayerOrderError(f"{where}: source must be a mapping with 'model' and 'layer_range'")
     extra = set(source) - _SOURCE_KEYS
     if extra:
-        raise ValueError(
+        raise LayerOrderError(
             f"{where}: unsupported source key(s) {sorted(map(str, extra))}; frankenllama "
             f"only reorders layers (no scale/parameters)"
         )
     model = source.get("model")
     if not isinstance(model, str) or not model.strip():
-        raise ValueError(f"{where}: 'model' must be a model name string")
+        raise LayerOrderError(f"{where}: 'model' must be a model name string")
     layer_range = source.get("layer_range")
     where = f"{where} (model {model!r}, layer_range {layer_range!r})"
     if not isinstance(layer_range, list) or len(layer_range) != 2:
-        raise ValueError(f"{where}: layer_range must be a [start, end] pair")
+        raise LayerOrderError(f"{where}: layer_range must be a [start, end] pair")
     start = _require_int(layer_range[0], f"{where}: start")
     end = _require_int(layer_range[1], f"{where}: end")
     if not 0 <= start < end:
-        raise ValueError(
+        raise LayerOrderError(
             f"{where}: layer_range is half-open and needs 0 <= start < end "
             f"([0, 16] runs layers 0..15)"
         )
@@ -445,9 +472,9 @@ def _self_merge(parsed: list[tuple[str, int, int, str]], n_layers: int | None) -
     order: list[int] = []
     for _, start, end, where in parsed:
         if n_layers is not None and end > n_layers:
-            raise ValueError(f"{where}: end {end} exceeds the model's {n_layers} layers")
+            raise LayerOrderError(f"{where}: end {end} exceeds the model's {n_layers} layers")
         if len(order) + end - start > MAX_POSITIONS:
-            raise ValueError(f"{where}: the order would exceed {MAX_POSITIONS} positions")
+            raise LayerOrderError(f"{where}: the order would exceed {MAX_POSITIONS} positions")
         order.extend(range(start, end))
     return order
 
@@ -459,13 +486,13 @@ def _stacked_merge(
 ) -> list[int]:
     """Map each slice through the model's offset in a stacked file."""
     if isinstance(models, str) or not models or not all(isinstance(m, str) for m in models):
-        raise ValueError("models must be a non-empty list of model names in stacking order")
+        raise LayerOrderError("models must be a non-empty list of model names in stacking order")
     if len(set(models)) != len(models):
-        raise ValueError(f"models lists a model twice: {list(models)!r}")
+        raise LayerOrderError(f"models lists a model twice: {list(models)!r}")
     if n_layers is None:
-        raise ValueError("models=[...] needs n_layers, the layer count of the stacked file")
+        raise LayerOrderError("models=[...] needs n_layers, the layer count of the stacked file")
     if n_layers % len(models):
-        raise ValueError(
+        raise LayerOrderError(
             f"stacked file has {n_layers} layers, not a multiple of {len(models)} models"
         )
     per_model = n_layers // len(models)
@@ -473,11 +500,11 @@ def _stacked_merge(
     order: list[int] = []
     for model, start, end, where in parsed:
         if model not in offsets:
-            raise ValueError(f"{where}: model is not in models={list(models)!r}")
+            raise LayerOrderError(f"{where}: model is not in models={list(models)!r}")
         if end > per_model:
-            raise ValueError(f"{where}: end {end} exceeds the {per_model} layers per model")
+            raise LayerOrderError(f"{where}: end {end} exceeds the {per_model} layers per model")
         if len(order) + end - start > MAX_POSITIONS:
-            raise ValueError(f"{where}: the order would exceed {MAX_POSITIONS} positions")
+            raise LayerOrderError(f"{where}: the order would exceed {MAX_POSITIONS} positions")
         order.extend(range(offsets[model] + start, offsets[model] + end))
     return order
 
@@ -500,7 +527,7 @@ class _Block:
 def from_block_file(text_or_path: str | Path) -> list[int]:
     """Order from a Llama Blocks block file (text, or a .txt/.blocks path).
 
-    See the module docstring for the format.  ``MergeBlock`` lines raise ValueError.
+    See the module docstring for the format.  ``MergeBlock`` lines raise LayerOrderError.
     """
     text = _read_text(text_or_path, BLOCK_SUFFIXES, "block")
     blocks: list[_Block] = []
@@ -513,10 +540,10 @@ def from_block_file(text_or_path: str | Path) -> list[int]:
         keyword = re.split(r"[\s;]", line, maxsplit=1)[0].lower()
         if keyword == "totallayers":
             if total is not None:
-                raise ValueError(f"block file line {number}: TotalLayers given twice")
+                raise LayerOrderError(f"block file line {number}: TotalLayers given twice")
             total = _parse_total(line, number)
         elif keyword == "mergeblock":
-            raise ValueError(
+            raise LayerOrderError(
                 f"block file line {number}: MergeBlock is not supported yet; frankenllama "
                 f"runs one chain of WeightBlocks"
             )
@@ -524,13 +551,13 @@ def from_block_file(text_or_path: str | Path) -> list[int]:
             blocks.append(_parse_weight_block(line, number, next_id))
             next_id += 1
         else:
-            raise ValueError(
+            raise LayerOrderError(
                 f"block file line {number}: unknown line {raw.strip()!r}; expected "
                 f"'TotalLayers <n>' or 'WeightBlock; start; end; weight_start; input_block'"
             )
     order = _chain_order(blocks)
     if total is not None and total != len(order):
-        raise ValueError(
+        raise LayerOrderError(
             f"block file: TotalLayers is {total} but the blocks cover {len(order)} positions"
         )
     return order
@@ -540,7 +567,7 @@ def _parse_total(line: str, number: int) -> int:
     """Parse ``TotalLayers <n>`` (or ``TotalLayers; <n>``)."""
     match = re.fullmatch(r"(?i)totallayers\s*;?\s*([0-9]+)", line)
     if match is None or not 1 <= int(match.group(1)) <= MAX_POSITIONS:
-        raise ValueError(
+        raise LayerOrderError(
             f"block file line {number}: expected 'TotalLayers <n>' with 1 <= n <= "
             f"{MAX_POSITIONS}, got {line!r}"
         )
@@ -552,7 +579,7 @@ def _parse_weight_block(line: str, number: int, block_id: int) -> _Block:
     fields = [field.strip() for field in line.split(";")]
     usage = "expected 'WeightBlock; start; end; weight_start; input_block'"
     if fields[0].lower() != "weightblock" or len(fields) != 5:
-        raise ValueError(f"block file line {number}: {usage}, got {line!r}")
+        raise LayerOrderError(f"block file line {number}: {usage}, got {line!r}")
     values: list[int] = []
     for name, field in zip(("start", "end", "weight_start", "input_block"), fields[1:]):
         pattern = r"-1|[0-9]+" if name == "input_block" else r"[0-9]+"
@@ -562,42 +589,44 @@ def _parse_weight_block(line: str, number: int, block_id: int) -> _Block:
                 if name == "input_block"
                 else "a non-negative integer"
             )
-            raise ValueError(f"block file line {number}: {name} {field!r} must be {allowed}")
+            raise LayerOrderError(f"block file line {number}: {name} {field!r} must be {allowed}")
         values.append(int(field))
     start, end, weight_start, input_block = values
     if end < start:
-        raise ValueError(
+        raise LayerOrderError(
             f"block file line {number}: end {end} is before start {start} "
             f"(positions start..end are inclusive)"
         )
     if end - start + 1 > MAX_POSITIONS:
-        raise ValueError(f"block file line {number}: block exceeds {MAX_POSITIONS} positions")
+        raise LayerOrderError(f"block file line {number}: block exceeds {MAX_POSITIONS} positions")
     return _Block(block_id, number, start, end, weight_start, input_block)
 
 
 def _chain_order(blocks: list[_Block]) -> list[int]:
     """Follow input links from the embedding and concatenate the blocks' weights."""
     if not blocks:
-        raise ValueError("block file has no WeightBlock lines")
+        raise LayerOrderError("block file has no WeightBlock lines")
     by_id = {block.block_id: block for block in blocks}
     feeds: dict[int, _Block] = {}
     for block in blocks:
         if block.input_block != -1 and block.input_block not in by_id:
-            raise ValueError(
+            raise LayerOrderError(
                 f"block file line {block.line}: input_block {block.input_block} is not a "
                 f"block id (ids are 0, 1, ... in file order; -1 is the embedding)"
             )
         if block.input_block == block.block_id:
-            raise ValueError(f"block file line {block.line}: block {block.block_id} feeds itself")
+            raise LayerOrderError(
+                f"block file line {block.line}: block {block.block_id} feeds itself"
+            )
         if block.input_block in feeds:
             other = feeds[block.input_block]
-            raise ValueError(
+            raise LayerOrderError(
                 f"block file line {block.line}: block {block.input_block} already feeds the "
                 f"block on line {other.line}; branching chains are not supported"
             )
         feeds[block.input_block] = block
     if -1 not in feeds:
-        raise ValueError("block file: no WeightBlock reads the embedding (input_block -1)")
+        raise LayerOrderError("block file: no WeightBlock reads the embedding (input_block -1)")
     order: list[int] = []
     visited: set[int] = set()
     previous: _Block | None = None
@@ -606,19 +635,19 @@ def _chain_order(blocks: list[_Block]) -> list[int]:
         visited.add(block.block_id)
         expected = 0 if previous is None else previous.end + 1
         if block.start != expected:
-            raise ValueError(
+            raise LayerOrderError(
                 f"block file line {block.line}: block starts at position {block.start}, "
                 f"expected {expected} (right after its input block)"
             )
         if block.end + 1 > MAX_POSITIONS:
-            raise ValueError(
+            raise LayerOrderError(
                 f"block file line {block.line}: the order would exceed {MAX_POSITIONS} positions"
             )
         order.extend(range(block.weight_start, block.weight_start + block.end - block.start + 1))
         previous, block = block, feeds.get(block.block_id)
     unchained = [b for b in blocks if b.block_id not in visited]
     if unchained:
-        raise ValueError(
+        raise LayerOrderError(
             f"block file line {unchained[0].line}: block {unchained[0].block_id} is not on "
             f"the chain from the embedding"
         )
