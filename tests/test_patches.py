@@ -1,6 +1,7 @@
 """The patch series applies to the pinned source; fetching and patching fail clearly."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,42 @@ def test_cli_check_command():
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "apply cleanly" in proc.stdout
+
+
+def _added_lines_per_file(patch_text: str) -> dict[str, tuple[int, bool]]:
+    """path -> (lines added, whether the patch creates the file)."""
+    files: dict[str, tuple[int, bool]] = {}
+    current = None
+    for line in patch_text.splitlines():
+        if line.startswith("diff --git a/"):
+            current = line.split(" b/", 1)[1]
+            files[current] = (0, False)
+        elif current and line.startswith("new file mode"):
+            files[current] = (files[current][0], True)
+        elif current and line.startswith("+") and not line.startswith("+++"):
+            files[current] = (files[current][0] + 1, files[current][1])
+    return files
+
+
+def test_upstream_files_get_short_hooks_only():
+    """The layer-order logic lives in new files; llama.cpp's own files under src/ and include/ get
+    at most 120 added or changed lines, and no per-architecture builder but the smollm3/llama4 NoPE
+    choice (0002) is touched."""
+    added: dict[str, int] = {}
+    for patch in llama_source.series():
+        for path, (n, created) in _added_lines_per_file(patch.read_text()).items():
+            if not created and path.startswith(("src/", "include/")):
+                added[path] = added.get(path, 0) + n
+    assert sum(added.values()) <= 120, added
+    assert {p for p in added if p.startswith("src/models/")} <= {"src/models/smollm3.cpp", "src/models/llama4.cpp"}
+
+
+def test_every_per_layer_hparam_is_remapped(tmp_path):
+    """Fails when upstream adds a per-layer hparams array that the layer order does not move."""
+    tree = llama_source.prepare(tmp_path / "llama.cpp")
+    hparams = (tree / "src" / "llama-hparams.h").read_text()
+    per_layer = set(re.findall(r"std::(?:array<[^>]+,\s*LLAMA_MAX_LAYERS>|bitset<LLAMA_MAX_LAYERS>)\s+(\w+)\s*;", hparams))
+    assert len(per_layer) >= 18
+    remap = (tree / "src" / "llama-layer-order.cpp").read_text()
+    moved = set(re.findall(r"remap\(hparams\.(\w+),\s*hparams_file\.\1\)", remap))
+    assert per_layer == moved, f"not remapped: {sorted(per_layer - moved)}"
