@@ -4,6 +4,8 @@
     rpc_child.py upload MODEL PRUNED_ORDER ENDPOINT
     rpc_child.py unreachable MODEL ENDPOINT
     rpc_child.py server-dies MODEL
+    rpc_child.py hangs MODEL
+    rpc_child.py registrations MODEL UNUSED_ENDPOINT
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -93,25 +96,146 @@ def unreachable(model: str, endpoint: str) -> dict:
     return report
 
 
-def server_dies(model: str) -> dict:
+def _start_server(port: int = 0) -> tuple[subprocess.Popen, int]:
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if port == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     server = subprocess.Popen([str(rpc_server_path()), "-p", str(port), "-t", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
-    llm = Llama(model, n_ctx=128, n_threads=1, rpc_servers=[f"127.0.0.1:{port}"], n_gpu_layers=99, verbose=False)
-    server.kill()
-    server.wait()
-    llm("Tell me a story", max_tokens=16)  # llama.cpp's RPC client aborts the process here
-    return {"survived": True}
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            time.sleep(0.2)  # the probe connection is served and closed first
+            return server, port
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("rpc-server did not start")
+
+
+def _kill_after(server: subprocess.Popen, seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, server.kill)
+    timer.start()
+    return timer
+
+
+def _outcome(action) -> str:
+    """What happened: 'ok', or the exception type (the process itself must survive)."""
+    try:
+        action()
+        return "ok"
+    except Exception as err:  # the test checks the type and the message
+        return f"{type(err).__name__}: {err}"
+
+
+def server_dies(model: str) -> dict:
+    """Kill the server (SIGKILL) during prompt processing, token generation, model upload and while
+    idle; after each, a CPU model in the same process must still answer exactly as before."""
+    cpu = Llama(model, n_ctx=256, n_threads=1, verbose=False)
+    want = cpu("Tell me a story", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    cpu.close()
+
+    def cpu_still_right() -> bool:
+        llm = Llama(model, n_ctx=256, n_threads=1, verbose=False)
+        text = llm("Tell me a story", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+        llm.close()
+        return text == want
+
+    report: dict = {}
+    long_prompt = "Once upon a time, " * 40
+
+    # 1. during prompt processing (a long prompt, the kill lands while it is computed)
+    server, port = _start_server()
+    llm = Llama(model, n_ctx=512, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=99, verbose=False)
+    timer = _kill_after(server, 0.05)
+    report["prompt"] = _outcome(lambda: [llm(long_prompt, max_tokens=4, temperature=0.0) for _ in range(50)])
+    timer.join(); server.wait()
+    report["prompt_again"] = _outcome(lambda: llm("Hi", max_tokens=2))  # later calls fail the same way
+    llm.close()
+    report["prompt_cpu"] = cpu_still_right()
+
+    # 2. during token generation (the server restarts on the same port: a reload must work)
+    server, port = _start_server(port)
+    llm = Llama(model, n_ctx=512, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=99, verbose=False)
+    report["restarted_same"] = llm("Tell me a story", max_tokens=8, temperature=0.0)["choices"][0]["text"] == want
+    stream = llm("Tell me a story", max_tokens=200, temperature=0.0, stream=True)
+    next(stream)
+    server.kill(); server.wait()
+    report["generation"] = _outcome(lambda: [chunk for chunk in stream])
+    llm.close()
+    report["generation_cpu"] = cpu_still_right()
+
+    # 3. during model upload
+    server, port = _start_server(port)
+    timer = _kill_after(server, 0.02)
+    report["upload"] = _outcome(lambda: Llama(model, n_ctx=128, n_threads=1, rpc_servers=f"127.0.0.1:{port}",
+                                              n_gpu_layers=99, use_mmap=False, verbose=False)("Hi", max_tokens=2))
+    timer.join(); server.wait()
+    report["upload_cpu"] = cpu_still_right()
+
+    # 4. while idle: loads that don't use it work, loads that do fail cleanly
+    server, port = _start_server(port)
+    Llama(model, n_ctx=128, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=99, verbose=False).close()
+    server.kill(); server.wait()
+    report["idle_cpu"] = cpu_still_right()
+    report["idle_offload"] = _outcome(lambda: Llama(model, n_ctx=128, n_threads=1, n_gpu_layers=99, verbose=False))
+    return report
+
+
+def hangs(model: str) -> dict:
+    """Registrations that used to block forever: the same server under two names, a server that
+    another client holds."""
+    server, port = _start_server()
+    report = {}
+    t0 = time.time()
+    report["two_names"] = _outcome(lambda: Llama(model, rpc_servers=[f"127.0.0.1:{port}", f"localhost:{port}"],
+                                                 n_gpu_layers=99, verbose=False))
+    report["two_names_s"] = time.time() - t0
+    other, other_port = _start_server()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(other_port), model], stdout=subprocess.PIPE, text=True)
+    holder.stdout.readline()  # another process holds that server now
+    t0 = time.time()
+    report["busy"] = _outcome(lambda: Llama(model, rpc_servers=[f"127.0.0.1:{other_port}"], rpc_timeout=2,
+                                            n_gpu_layers=99, verbose=False))
+    report["busy_s"] = time.time() - t0
+    holder.kill(); server.kill(); other.kill()
+    return report
+
+
+HOLDER = """
+import sys, time
+from frankenllama import Llama
+llm = Llama(sys.argv[2], rpc_servers=["127.0.0.1:" + sys.argv[1]], n_gpu_layers=99, verbose=False)
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def registrations(model: str, endpoint: str) -> dict:
+    """Failed registrations leak no socket; malformed endpoints are refused before any."""
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    from frankenllama.rpc import add_rpc_servers
+
+    errors = {}
+    for bad in ("127.0.0.1:99999", "127.0.0.1:0", "nohost", "a b:1", "[::1]:5"):
+        errors[bad] = _outcome(lambda: add_rpc_servers([bad]))
+    _outcome(lambda: add_rpc_servers([endpoint]))  # warm up whatever the first call allocates
+    before = open_fds()
+    failed = [_outcome(lambda: add_rpc_servers(endpoint)) for _ in range(100)]
+    return {"errors": errors, "fds_before": before, "fds_after": open_fds(),
+            "all_connection_errors": all(f.startswith("ConnectionError") for f in failed)}
 
 
 if __name__ == "__main__":
     assert frankenllama.native_library_path().is_file()
     mode, args = sys.argv[1], sys.argv[2:]
     result = {"offload": offload, "upload": upload, "unreachable": unreachable,
-              "server-dies": server_dies}[mode](*args)
+              "server-dies": server_dies, "hangs": hangs, "registrations": registrations}[mode](*args)
     print(json.dumps(result))

@@ -32,7 +32,7 @@ from . import _native
 from .gguf_info import check_header, read_stored_order
 from .order import format_spec, override_keys
 from .recipes import Recipe, resolve
-from .rpc import add_rpc_servers
+from . import rpc
 from .state_cache import OrderKeyedCache, order_namespace
 
 
@@ -80,29 +80,36 @@ class Llama(llama_cpp.Llama):
             its weights.  Weight layers the order does not run are not loaded.
         rpc_servers: llama.cpp RPC servers (``"host:port"``) to register as devices before loading,
             like llama.cpp's ``--rpc``; ``n_gpu_layers`` then offloads weight layers to them.
+        rpc_timeout: seconds an RPC connection waits to connect or for a reply (default 300).
         **kwargs: every other ``llama_cpp.Llama`` argument, unchanged.
 
     Raises:
         ValueError: the model file does not exist, the order is malformed or out of range,
             conflicts with ``kv_overrides``, or the model cannot run it (the message names the
             problem).
-        ConnectionError: an RPC server does not answer.
+        ConnectionError: an RPC server does not answer, or fails while the model loads.  A server
+            that fails later makes every decode of the model raise ConnectionError (never a crash).
     """
 
     def __init__(self, model_path: str, *, layer_order: Recipe | None = None,
-                 rpc_servers: Sequence[str] | None = None, **kwargs: Any) -> None:
+                 rpc_servers: Sequence[str] | str | None = None, rpc_timeout: float | None = None,
+                 **kwargs: Any) -> None:
         self._lock = threading.RLock()  # first: close() and __del__ take it
         self._stack = contextlib.ExitStack()  # llama_cpp.Llama.__del__ needs it if we raise before super()
         self._closes_current_ctx = False
         self._order_epoch = 0  # bumped whenever the context is replaced: running generations stop
         self._context_changes = 0  # bumped by every call that changes the context's contents
         self._cache_view: OrderKeyedCache | None = None
-        self._rpc_servers = list(rpc_servers) if rpc_servers else None
+        self._rpc_servers = [rpc_servers] if isinstance(rpc_servers, str) else list(rpc_servers or []) or None
+        self._rpc_timeout = rpc_timeout
+        self._rpc_failures: dict[str, int] = {}
+        self._rpc_used: list[str] = []  # endpoints holding this model's layers
         self._user_kv_overrides = kwargs.get("kv_overrides")
         # before llama.cpp sees the file: a block count it would assert on, a misspelled order override
         info = check_header(model_path, kwargs.get("kv_overrides"))
-        if rpc_servers:
-            add_rpc_servers(rpc_servers)
+        if self._rpc_servers or rpc_timeout is not None:
+            rpc.add_rpc_servers(self._rpc_servers or [], timeout=rpc_timeout)
+        self._rpc_failures = rpc.failures()  # failed connections before the load: later ones are this model's
         requested: list[int] | None = None
         if layer_order is not None:
             if kwargs.get("vocab_only"):
@@ -116,6 +123,10 @@ class Llama(llama_cpp.Llama):
                 super().__init__(model_path, **kwargs)
             except ValueError as err:
                 if "Failed to load model" in str(err):
+                    failed = rpc.failed_servers(self._rpc_failures, list(self._rpc_failures))
+                    if failed:
+                        raise ConnectionError(f"RPC server {', '.join(failed)} failed while the model loaded: "
+                                              f"{_load_error(errors)}") from None
                     raise ValueError(f"{err}: {_load_error(errors)}") from None
                 raise
 
@@ -133,6 +144,8 @@ class Llama(llama_cpp.Llama):
                     f"running {format_spec(applied)}): is LLAMA_CPP_LIB_PATH pointing at a stock llama.cpp?"
                 )
         self._state_prefix = self._read_state_prefix()
+        self._rpc_used = rpc.servers_of(self.layer_devices()) if self._rpc_failures else []
+        self._check_rpc("loading the model")
 
     # -- the order -------------------------------------------------------------------------------
 
@@ -250,12 +263,37 @@ class Llama(llama_cpp.Llama):
     def eval(self, tokens: Sequence[int]) -> None:
         with self._lock:
             self._context_changes += 1
-            super().eval(tokens)
+            try:
+                super().eval(tokens)
+            except RuntimeError:
+                self._check_rpc("decoding")  # a failed server is why decode failed: say so
+                raise
+            self._check_rpc("decoding")
 
     def embed(self, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
             self._context_changes += 1
-            return super().embed(*args, **kwargs)
+            try:
+                result = super().embed(*args, **kwargs)
+            except RuntimeError:
+                self._check_rpc("computing embeddings")
+                raise
+            self._check_rpc("computing embeddings")
+            return result
+
+    def _check_rpc(self, doing: str) -> None:
+        """Raise ConnectionError if an RPC server this model uses failed since it was loaded (its
+        outputs since then are garbage: they must never reach a caller)."""
+        if not self._rpc_used:
+            return
+        llama_cpp.llama_synchronize(self._ctx.ctx)  # let queued RPC work finish or fail
+        failed = rpc.failed_servers(self._rpc_failures, self._rpc_used)
+        if failed:
+            if doing == "loading the model":
+                self.close()
+            raise ConnectionError(
+                f"RPC server {', '.join(failed)} failed (connection lost, timed out or malformed reply) "
+                f"while {doing}; this model can't use it any more: load it again once the server is back")
 
     def reset(self) -> None:
         with self._lock:
@@ -393,6 +431,7 @@ class Llama(llama_cpp.Llama):
         current = self.layer_order
         state["layer_order"] = None if current == self.file_layer_order() else current
         state["rpc_servers"] = self._rpc_servers
+        state["rpc_timeout"] = self._rpc_timeout
         return state
 
 
