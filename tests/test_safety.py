@@ -24,7 +24,7 @@ OTHER = "0-29,10-20"  # a 41-position order of SmolLM2
 
 
 def _smol(path: str, order: object = None, **kw) -> Llama:
-    return Llama(path, layer_order=order, verbose=False, n_ctx=256, n_threads=2, **kw)
+    return Llama(path, layer_order=order, **{"verbose": False, "n_ctx": 256, "n_threads": 2, **kw})
 
 
 def _complete(llm: Llama, prompt: str = PROMPT, n: int = 8) -> str:
@@ -186,12 +186,17 @@ def test_stream_stops_when_the_order_changes(smollm2_path, fresh):
     llm.close()
 
 
-def test_generator_created_before_a_reorder_refuses_to_start(tiny):
+def test_generator_not_started_before_a_reorder_runs_the_new_order(tiny):
+    """Nothing was computed before its first token: it runs (from scratch) under the order of the
+    moment, exactly as a generator created then."""
     llm = Llama(str(tiny.path), verbose=False, n_ctx=64)
-    gen = llm.generate([1, 2, 3], temp=0.0)
+    early = llm.generate([1, 2, 3], temp=0.0)
     llm.set_layer_order([0, 1])
-    with pytest.raises(LayerOrderChangedError):
-        next(gen)
+    got = [next(early) for _ in range(5)]
+    early.close()
+    llm.reset()
+    late = llm.generate([1, 2, 3], temp=0.0)
+    assert got == [next(late) for _ in range(5)]
     llm.close()
 
 
@@ -336,3 +341,150 @@ def _foreign_state(path: str):
     state = other.save_state()
     other.close()
     return state
+
+
+# ------------------------------------------------------------------ attacks on the above (regressions)
+
+
+def test_state_of_another_n_batch_is_refused_before_anything_changes(smollm2_path, fresh):
+    """Scores of a logits_all=False state hold n_batch rows: restoring it where they don't fit used
+    to fail after the native restore, leaving the K/V and the token bookkeeping out of step."""
+    saver = _smol(smollm2_path, n_batch=8)
+    saver.eval(saver.tokenize(PROMPT.encode() + b" a city of light and art"))
+    state = saver.save_state()
+    saver.close()
+    llm = _smol(smollm2_path, n_batch=64)
+    _complete(llm, "Once upon a time")
+    with pytest.raises(StateMismatchError, match="n_batch"):
+        llm.load_state(state)
+    assert _complete(llm, PROMPT) == fresh(None)
+    llm.close()
+
+
+def test_states_and_caches_belong_to_one_model(tmp_path):
+    """Two files of the same shape and order: neither serves the other's states."""
+    a = write_tiny_llama(tmp_path / "a.gguf", n_layer=4, seed=21)
+    b = write_tiny_llama(tmp_path / "b.gguf", n_layer=4, seed=22)
+
+    def model(m):
+        return Llama(str(m.path), verbose=False, n_ctx=64, n_threads=2)
+
+    def complete(llm):
+        return llm("abcabc", max_tokens=6, temperature=0.0)["choices"][0]["text"]
+
+    fresh_b = complete(model(b))
+    shared = LlamaRAMCache()
+    la, lb = model(a), model(b)
+    la.set_cache(shared)
+    lb.set_cache(shared)
+    complete(la)
+    assert complete(lb) == fresh_b
+    la.eval([1, 2, 3])
+    with pytest.raises(StateMismatchError, match="another model"):
+        lb.load_state(la.save_state())
+    la.close()
+    lb.close()
+
+
+def test_interrupt_between_decode_and_bookkeeping(smollm2_path, fresh, monkeypatch):
+    """Ctrl-C landing right after llama_decode returned: the next completion must decode again
+    instead of sampling from the interrupted decode's logits."""
+    import llama_cpp._internals as internals
+
+    llm = _smol(smollm2_path)
+    real, calls = internals.LlamaContext.decode, []
+
+    def decode(ctx, batch):
+        real(ctx, batch)
+        calls.append(1)
+        if len(calls) == 2:  # the first generated token
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(internals.LlamaContext, "decode", decode)
+    with pytest.raises(KeyboardInterrupt):
+        _complete(llm)
+    monkeypatch.setattr(internals.LlamaContext, "decode", real)
+    assert _complete(llm) == fresh(None)
+    llm.close()
+
+
+def test_embed_failing_part_way_resets_the_conversation(smollm2_path):
+    kw = dict(n_ctx=1024, embedding=True)
+    llm, ref = _smol(smollm2_path, **kw), _smol(smollm2_path, **kw)
+    for m in (llm, ref):
+        _complete(m, "Once upon a time")
+    with pytest.raises(ValueError):
+        llm.embed(["The weather is sunny " * 30, "b " * 600], truncate=False)
+    assert _complete(llm, "Once upon a time, a dragon") == _complete(ref, "Once upon a time, a dragon")
+    llm.close()
+    ref.close()
+
+
+def test_held_back_stream_chunks_notice_another_call(smollm2_path):
+    """A stream yields held-back chunks (a possible stop sequence) after its last token: a completion
+    between two of them must stop it, not hand it another conversation's logprobs."""
+    llm = _smol(smollm2_path, logits_all=True)
+    stream = llm(PROMPT, max_tokens=7, temperature=0.0, logprobs=1, stream=True, stop=["\n\nThe United Kingdom"])
+    next(stream)
+    llm("Cats and dogs are", max_tokens=3, temperature=0.0)
+    with pytest.raises(GenerationInterruptedError):
+        list(stream)
+    llm.close()
+
+
+def test_a_closed_model_raises_instead_of_crashing(tiny):
+    """Reproduction: segfaults in save_state, tokenize, completions and streams after close()."""
+    code = f"""
+import sys
+from frankenllama import Llama
+llm = Llama({str(tiny.path)!r}, verbose=False, n_ctx=64)
+stream = llm("abc", max_tokens=8, stream=True)
+next(stream)
+state = llm.save_state()
+llm.close()
+for name, call in [("stream", lambda: next(stream)), ("save_state", llm.save_state),
+                   ("load_state", lambda: llm.load_state(state)), ("tokenize", lambda: llm.tokenize(b"x")),
+                   ("complete", lambda: llm("abc", max_tokens=2)), ("eval", lambda: llm.eval([1])),
+                   ("set_layer_order", lambda: llm.set_layer_order([0, 1]))]:
+    try:
+        call()
+        print(name, "returned")
+    except RuntimeError as err:
+        print(name, type(err).__name__)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split("\n")
+    assert "stream LayerOrderChangedError" in lines
+    for name in ("save_state", "load_state", "tokenize", "complete", "eval", "set_layer_order"):
+        assert f"{name} RuntimeError" in lines, proc.stdout
+
+
+def test_vocab_only_model_refuses_a_reorder(tiny):
+    llm = Llama(str(tiny.path), vocab_only=True, verbose=False)
+    for order in (None, [0, 1]):
+        with pytest.raises(ValueError, match="vocab_only"):
+            llm.set_layer_order(order)
+    llm.close()
+
+
+def test_state_of_another_n_ctx_is_refused(tiny):
+    small = Llama(str(tiny.path), verbose=False, n_ctx=64)
+    small.eval([1, 2, 3])
+    state = small.save_state()
+    small.close()
+    big = Llama(str(tiny.path), verbose=False, n_ctx=128)
+    with pytest.raises(StateMismatchError, match="n_ctx=64"):
+        big.load_state(state)
+    assert len(big.input_ids) == 128
+    big.close()
+
+
+def test_a_refused_reorder_keeps_the_load_time_override(tiny):
+    llm = Llama(str(tiny.path), verbose=False, n_ctx=32, kv_overrides={"llama.layer_order": "3-0"})
+    with pytest.raises(ValueError):
+        llm.set_layer_order([0, 9])
+    with pytest.raises(ValueError):
+        llm.set_layer_order([0, 1] * 300)
+    assert llm.kv_overrides == {"llama.layer_order": "3-0"} and llm.layer_order == [3, 2, 1, 0]
+    llm.close()

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import os
+import sys
 import threading
 from typing import Any, Generator, Iterator, Sequence
 
 import llama_cpp
 import llama_cpp._internals as internals
+import numpy as np
 from llama_cpp.llama import LlamaState
 
 from . import _native
@@ -200,6 +204,9 @@ class Llama(llama_cpp.Llama):
                 needs more memory than a context can get.
         """
         with self._lock:
+            self._check_open()
+            if self.model_params.vocab_only:
+                raise ValueError("a vocab_only=True model has no decoder blocks to re-order")
             ffi, lib = _native.ffi_lib()
             model = _native.model_ptr(self._model)
             order = self.file_layer_order() if layer_order is None else resolve(layer_order, self.n_weight_layers)
@@ -212,10 +219,11 @@ class Llama(llama_cpp.Llama):
             previous = self.layer_order
             self._order_epoch += 1
             self._context_changes += 1
-            self._ctx.close()
-            with _native.capture_llama_log() as errors:
-                rc = lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", order), len(order))
+            switched = False
             try:
+                self._ctx.close()
+                with _native.capture_llama_log() as errors:
+                    rc = lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", order), len(order))
                 if rc != 0:
                     raise ValueError(f"could not set the layer order: {_load_error(errors)}")
                 try:
@@ -227,15 +235,19 @@ class Llama(llama_cpp.Llama):
                         f"({len(order)} positions, n_ctx={self.context_params.n_ctx}): {err}; "
                         "the model keeps its previous order"
                     ) from None
+                switched = True
             finally:
                 if self._ctx.ctx is None:
+                    if self.layer_order != previous:  # interrupted between the native calls
+                        lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", previous), len(previous))
                     self._open_context()  # the previous order's context (empty conversation)
                 self.n_tokens = 0
+                self._requires_eval = True
                 self._sampler = None
                 self.metadata = self._model.metadata()  # "<arch>.layer_order" follows the order
                 self._state_prefix = self._read_state_prefix()
                 stale = _order_key_names(self.kv_overrides)
-                if stale:  # the load-time order no longer describes the model (pickle, repr)
+                if switched and stale:  # the load-time order no longer describes the model (pickle, repr)
                     kept = {k: v for k, v in self.kv_overrides.items() if k not in stale}
                     self.kv_overrides = kept or None
 
@@ -258,28 +270,54 @@ class Llama(llama_cpp.Llama):
             scales = (ctypes.c_float * 1)(self.lora_scale)
             llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales)
 
-    # -- one thread at a time, generations that notice a re-order --------------------------------
+    # -- one thread at a time, generations that notice a change under them -----------------------
+
+    def _check_open(self) -> None:
+        """Raise instead of letting a call reach freed native objects (a segfault)."""
+        if getattr(self, "_model", None) is None or self._model.model is None or self._ctx.ctx is None:
+            raise RuntimeError("this Llama was closed (close()); load the model again")
+
+    def _changing_context(self) -> None:
+        """Before a call that changes the context's contents: running generations must stop."""
+        self._check_open()
+        self._context_changes += 1
 
     def eval(self, tokens: Sequence[int]) -> None:
         with self._lock:
-            self._context_changes += 1
+            self._changing_context()
             try:
                 super().eval(tokens)
             except RuntimeError:
+                self._requires_eval = True
                 self._check_rpc("decoding")  # a failed server is why decode failed: say so
+                raise
+            except BaseException:
+                # interrupted (Ctrl-C) between the decode and its bookkeeping: the logits left in the
+                # context are not those of input_ids[:n_tokens], so the next call must decode again
+                self._requires_eval = True
                 raise
             self._check_rpc("decoding")
 
     def embed(self, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            self._context_changes += 1
+            self._changing_context()
             try:
                 result = super().embed(*args, **kwargs)
-            except RuntimeError:
-                self._check_rpc("computing embeddings")
+            except BaseException:
+                # embed() clears the cache and decodes its own text: the conversation is gone
+                self._ctx.kv_cache_clear()
+                self.n_tokens = 0
+                self._requires_eval = True
+                if isinstance(sys.exc_info()[1], RuntimeError):
+                    self._check_rpc("computing embeddings")
                 raise
             self._check_rpc("computing embeddings")
             return result
+
+    def reset(self) -> None:
+        with self._lock:
+            self._changing_context()
+            super().reset()
 
     def _check_rpc(self, doing: str) -> None:
         """Raise ConnectionError if an RPC server this model uses failed since it was loaded (its
@@ -295,45 +333,57 @@ class Llama(llama_cpp.Llama):
                 f"RPC server {', '.join(failed)} failed (connection lost, timed out or malformed reply) "
                 f"while {doing}; this model can't use it any more: load it again once the server is back")
 
-    def reset(self) -> None:
-        with self._lock:
-            self._context_changes += 1
-            super().reset()
-
     def close(self) -> None:
         with self._lock:
+            self._order_epoch += 1  # a stream of a closed model stops instead of touching freed memory
+            self._context_changes += 1
             super().close()
+
+    def tokenize(self, *args: Any, **kwargs: Any) -> list[int]:
+        self._check_open()
+        return super().tokenize(*args, **kwargs)
+
+    def detokenize(self, *args: Any, **kwargs: Any) -> bytes:
+        self._check_open()
+        return super().detokenize(*args, **kwargs)
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
         """``llama_cpp.Llama.generate``, one token at a time under the object's lock.
 
         Raises (from the iterator):
-            LayerOrderChangedError: ``set_layer_order`` ran since this call.
-            GenerationInterruptedError: another call changed the context since the last token.
+            LayerOrderChangedError: ``set_layer_order`` (or ``close``) ran since its last token.
+            GenerationInterruptedError: another call changed the context since its last token.
         """
-        return self._locked_steps(super().generate(tokens, *args, **kwargs), self._order_epoch,
-                                  self._context_changes)
+        return self._locked_steps(super().generate(tokens, *args, **kwargs))
 
-    def _locked_steps(self, inner: Generator[int, Any, None], epoch: int,
-                      changes: int) -> Generator[int, Any, None]:
+    def _create_completion(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        # every completion (streamed or not, chat too) is this generator: a plain completion runs it
+        # in one locked step; a stream resumes it chunk by chunk, each chunk checked and locked
+        return self._locked_steps(super()._create_completion(*args, **kwargs))
+
+    def _locked_steps(self, inner: Generator[Any, Any, None]) -> Generator[Any, Any, None]:
+        epoch = changes = None  # taken at the first step: nothing ran before it
         sent: Any = None
         try:
             while True:
                 with self._lock:
-                    if self._order_epoch != epoch:
+                    if epoch is not None and self._order_epoch != epoch:
                         raise LayerOrderChangedError(
-                            "set_layer_order() replaced the context while this generation was running; "
-                            "start the generation again")
-                    if self._context_changes != changes:
+                            "set_layer_order() (or close()) replaced the context while this generation was "
+                            "running; start the generation again")
+                    if changes is not None and self._context_changes != changes:
                         raise GenerationInterruptedError(
                             "another call (eval, a generation, load_state, reset or embed) changed the "
                             "context since this generation's last token; start the generation again")
+                    if epoch is None:
+                        self._check_open()
+                        epoch = self._order_epoch
                     try:
-                        token = inner.send(sent)
+                        item = inner.send(sent)
                     except StopIteration:
                         return
                     changes = self._context_changes  # this generation's own evals
-                sent = yield token
+                sent = yield item
         finally:
             inner.close()
 
@@ -350,75 +400,103 @@ class Llama(llama_cpp.Llama):
         arch_len = int.from_bytes(data[:4], "little")
         return data[:4 + arch_len + 8]
 
+    def _identity(self) -> str:
+        """What, besides the order, a state's K/V depends on: the model file and the settings that
+        change its K/V (LoRA, RoPE scaling, K/V types, other overrides)."""
+        try:
+            stat = os.stat(self.model_path)
+            file_id = (os.path.realpath(self.model_path), stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            file_id = (self.model_path,)
+        params = self.context_params
+        overrides = sorted((k, repr(v)) for k, v in (self._user_kv_overrides or {}).items()
+                           if k not in _order_key_names(self._user_kv_overrides))
+        settings = (file_id, self.lora_path, self.lora_scale, params.rope_freq_base, params.rope_freq_scale,
+                    params.yarn_ext_factor, params.yarn_attn_factor, params.yarn_beta_fast, params.yarn_beta_slow,
+                    params.yarn_orig_ctx, params.type_k, params.type_v, overrides)
+        return hashlib.sha256(repr(settings).encode()).hexdigest()
+
     def save_state(self) -> LlamaState:
+        """llama-cpp-python's ``save_state``; the state also records which model and settings it
+        belongs to (``frankenllama_model``), so that another model refuses it."""
         with self._lock:
-            return super().save_state()
+            self._check_open()
+            state = super().save_state()
+            state.frankenllama_model = self._identity()
+            return state
 
     def load_state(self, state: LlamaState) -> None:
         """Restore a state saved by :meth:`save_state`.
 
         Raises:
-            StateMismatchError: the state was saved under another layer order, by another
-                library version (stock llama-cpp-python writes another format), or for another
-                model; nothing was changed.  A state that fails to restore beyond that check
-                leaves the model with an empty conversation.
+            StateMismatchError: the state was saved under another layer order, by another library
+                version (stock llama-cpp-python writes another format), for another model or
+                settings, or for another context size; nothing was changed.  If llama.cpp fails
+                beyond those checks, the conversation is reset (never half-restored).
         """
         with self._lock:
+            self._check_open()
+            problem = self._state_problem(state)
+            if problem:
+                raise StateMismatchError(problem)
+            self._context_changes += 1
+            size = int(state.llama_state_size)
             try:
-                self._restore(state)
-            except StateMismatchError:
-                cache = self._cache_view
-                if cache is not None and cache.last_served is not None and cache.last_served[1] is state:
-                    # a prompt-cache hit this model can't use: drop the entry, compute as on a miss
-                    cache.evict(state)
-                    if self.verbose:
-                        print("frankenllama: cache entry of another layer order or library evicted", flush=True)
-                    return
+                buffer = (ctypes.c_uint8 * size).from_buffer_copy(bytes(state.llama_state))
+                if llama_cpp.llama_state_set_data(self._ctx.ctx, buffer, size) != size:
+                    raise StateMismatchError("llama.cpp could not restore this state (corrupt?); "
+                                             "the conversation was reset")
+                # llama-cpp-python's load_state, after the native call instead of before it
+                self.scores[: state.n_tokens, :] = state.scores
+                rest = self.scores[state.n_tokens:, :]
+                rest[rest > 0] = 0.0
+                self.input_ids[:] = state.input_ids
+                self.n_tokens = state.n_tokens
+                self._requires_eval = True
+                self._seed = state.seed
+            except BaseException:
+                self._ctx.kv_cache_clear()
+                self.n_tokens = 0
+                self._requires_eval = True
                 raise
 
-    def _restore(self, state: LlamaState) -> None:
-        size = int(state.llama_state_size)
+    def _state_problem(self, state: LlamaState) -> str | None:
+        """Why this model can't restore ``state`` (None if it can), found before anything changes."""
         data = bytes(state.llama_state)
-        if data[:len(self._state_prefix)] != self._state_prefix or size != len(data):
-            raise StateMismatchError(
-                "this state can't be restored here: it was saved under another layer order, by another "
-                f"library version (e.g. stock llama-cpp-python), or for another model; this model runs "
-                f"layer order {format_spec(self.layer_order)}. Restore it on a model with the order it "
-                "was saved under, or compute the prompt again")
-        if state.n_tokens > self._n_ctx or len(state.input_ids) > len(self.input_ids) \
-                or state.scores.shape[0] > self.scores.shape[0] or state.scores.shape[1:] != self.scores.shape[1:]:
-            raise StateMismatchError(f"this state (n_tokens={state.n_tokens}, scores {state.scores.shape}) "
-                                     f"does not fit this context (n_ctx={self._n_ctx}, scores {self.scores.shape})")
-        buffer = (ctypes.c_uint8 * size).from_buffer_copy(data)
-        self._context_changes += 1
-        if llama_cpp.llama_state_set_data(self._ctx.ctx, buffer, size) != size:
-            self._ctx.kv_cache_clear()
-            self.n_tokens = 0
-            self._requires_eval = True
-            raise StateMismatchError("llama.cpp could not restore this state (corrupt or for another model); "
-                                     "the conversation was reset")
-        # llama-cpp-python's load_state, after the native call instead of before it
-        self.scores[: state.n_tokens, :] = state.scores.copy()
-        rest = self.scores[state.n_tokens:, :]
-        rest[rest > 0] = 0.0
-        self.input_ids = state.input_ids.copy()
-        self.n_tokens = state.n_tokens
-        self._requires_eval = True
-        self._seed = state.seed
+        if data[:len(self._state_prefix)] != self._state_prefix or int(state.llama_state_size) != len(data):
+            return ("this state can't be restored here: it was saved under another layer order, by another "
+                    f"library version (e.g. stock llama-cpp-python), or for another model; this model runs "
+                    f"layer order {format_spec(self.layer_order)}. Restore it on a model with the order it "
+                    "was saved under, or compute the prompt again")
+        saved_for = getattr(state, "frankenllama_model", None)
+        if saved_for is not None and saved_for != self._identity():
+            return ("this state was saved for another model file or other settings (LoRA, RoPE scaling, "
+                    "K/V types, kv_overrides); restore it on the model it was saved with")
+        if state.input_ids.shape != self.input_ids.shape or not 0 <= state.n_tokens <= len(self.input_ids):
+            return (f"this state was saved with n_ctx={len(state.input_ids)} (n_tokens={state.n_tokens}); "
+                    f"this model has n_ctx={len(self.input_ids)}: use the same n_ctx")
+        try:
+            np.broadcast_to(state.scores, self.scores[: state.n_tokens, :].shape)
+        except ValueError:
+            return (f"this state's scores {state.scores.shape} don't fit this model's "
+                    f"{self.scores[: state.n_tokens, :].shape}: use the same n_batch and logits_all")
+        return None
 
     @property
     def cache(self) -> OrderKeyedCache | None:
-        """The prompt cache (``set_cache``), seen through a view whose keys carry the layer order."""
+        """The prompt cache (``set_cache``), seen through a view whose keys carry the model and its
+        layer order; the cache you passed is ``llm.cache.inner``."""
         return self._cache_view
 
     @cache.setter
     def cache(self, value: Any) -> None:
         if isinstance(value, OrderKeyedCache):
             value = value.inner
-        self._cache_view = None if value is None else OrderKeyedCache(value, self._cache_namespace)
+        self._cache_view = None if value is None else OrderKeyedCache(
+            value, self._cache_namespace, lambda state: self._state_problem(state) is None)
 
     def _cache_namespace(self) -> tuple[int, ...]:
-        return order_namespace(self.n_weight_layers, self.layer_order)
+        return order_namespace(self._identity(), self.n_weight_layers, self.layer_order)
 
     # -- pickling ----------------------------------------------------------------------------------
 

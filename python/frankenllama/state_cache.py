@@ -6,9 +6,10 @@ order refuses it, so a cache shared by two orders (or by a model re-ordered afte
 or filled by stock llama-cpp-python) would serve states that fail to load.
 
 :class:`OrderKeyedCache` wraps a user's cache for one :class:`frankenllama.Llama`: each key is
-prefixed with a namespace derived from the model's current layer order, so entries of different
-orders never meet, and entries written without a namespace (by stock llama-cpp-python) are never
-served.  An entry that still cannot be restored is evicted by the model and treated as a miss.
+prefixed with a namespace derived from the model (its file and the settings its K/V depends on)
+and its current layer order, so entries of different models and orders never meet, and entries
+written without a namespace (by stock llama-cpp-python) are never served.  An entry that still
+cannot be restored is evicted and served as a miss.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ if TYPE_CHECKING:
 _MARKER = -0x46524B4E  # "FRKN"
 
 
-def order_namespace(n_weight_layers: int, order: Sequence[int]) -> tuple[int, ...]:
-    """Key prefix for states saved under ``order``: negative ints, which no token id is."""
-    digest = hashlib.sha256(f"{n_weight_layers}:{','.join(map(str, order))}".encode()).digest()
+def order_namespace(model: str, n_weight_layers: int, order: Sequence[int]) -> tuple[int, ...]:
+    """Key prefix for states of ``model`` (an identity string) saved under ``order``: negative ints,
+    which no token id is."""
+    digest = hashlib.sha256(f"{model}:{n_weight_layers}:{','.join(map(str, order))}".encode()).digest()
     return (_MARKER,) + tuple(-1 - int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4))
 
 
@@ -39,14 +41,14 @@ class OrderKeyedCache:
             ``set_layer_order``).
     """
 
-    def __init__(self, inner: "BaseLlamaCache", namespace: Callable[[], tuple[int, ...]]) -> None:
+    def __init__(self, inner: "BaseLlamaCache", namespace: Callable[[], tuple[int, ...]],
+                 restorable: Callable[["LlamaState"], bool]) -> None:
         self.inner = inner
         self._namespace = namespace
-        #: the entry most recently served: (stored key, state), so the model can evict it
-        self.last_served: tuple[tuple[int, ...], "LlamaState"] | None = None
+        self._restorable = restorable
 
     def _stored_key(self, key: Sequence[int]) -> tuple[int, ...] | None:
-        """The inner cache's longest-prefix match for ``key``, if it is of this order's namespace."""
+        """The inner cache's longest-prefix match for ``key``, if it is of this namespace."""
         namespace = self._namespace()
         finder = getattr(self.inner, "_find_longest_prefix_key", None)
         wanted = namespace + tuple(key)
@@ -60,7 +62,9 @@ class OrderKeyedCache:
         if stored is None:
             raise KeyError("Key not found")
         state = self.inner[stored]
-        self.last_served = (stored, state)
+        if not self._restorable(state):
+            self._evict(stored)  # it can never be restored here: a miss, and out of the way
+            raise KeyError("Key not found")
         return state
 
     def __contains__(self, key: Sequence[int]) -> bool:
@@ -69,19 +73,14 @@ class OrderKeyedCache:
     def __setitem__(self, key: Sequence[int], value: "LlamaState") -> None:
         self.inner[self._namespace() + tuple(key)] = value
 
-    def evict(self, state: "LlamaState") -> bool:
-        """Remove the entry that served ``state`` (if it was the last one served); True if removed."""
-        if self.last_served is None or self.last_served[1] is not state:
-            return False
-        stored, _ = self.last_served
-        self.last_served = None
+    def _evict(self, stored: tuple[int, ...]) -> None:
         ram = getattr(self.inner, "cache_state", None)
         if ram is not None:  # LlamaRAMCache: an OrderedDict
-            return ram.pop(stored, None) is not None
+            ram.pop(stored, None)
+            return
         disk = getattr(self.inner, "cache", None)
-        if disk is not None and hasattr(disk, "pop"):  # LlamaDiskCache: a diskcache.Cache
-            return disk.pop(stored, None) is not None
-        return False
+        if disk is not None and hasattr(disk, "pop"):  # LlamaDiskCache (its reads pop already)
+            disk.pop(stored, None)
 
     @property
     def capacity_bytes(self) -> int:
