@@ -495,6 +495,8 @@ def test_outputs_are_byte_identical_to_gguf_py(case, smollm2_path, gemma3_path, 
         stack([model, model], ours, base=base, progress=False)
         _reference_stack([model, model], reference, base)
     _assert_same_file(ours, reference)
+    ours.unlink()  # hundreds of MB each: don't leave them in pytest's kept temporary folders
+    reference.unlink()
 
 
 def _write_small_model(path: Path, *, endianess=gguf.GGUFEndian.LITTLE, alignment: int | None = None) -> Path:
@@ -605,6 +607,8 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path):
     used = run_child("materialize", str(src), "0-7,0-7", str(tmp_path / "out.gguf"))["rss_mib"]
     assert (tmp_path / "out.gguf").stat().st_size > src.stat().st_size
     assert used - empty <= 64, f"peak RSS {used:.1f} MiB, {used - empty:.1f} MiB above an empty interpreter"
+    for path in tmp_path.iterdir():
+        path.unlink()
 
 
 # ---------------------------------------------------------------- the header index

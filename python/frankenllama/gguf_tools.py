@@ -261,8 +261,8 @@ def _read_tensors(cur: _Cursor, n_tensors: int, alignment: int, size: int) -> li
 def _read_header(path: Path) -> _Header:
     """Index the GGUF header of ``path`` (versions 2 and 3, either byte order)."""
     with open(path, "rb") as file:
-        identity = _identity(os.fstat(file.fileno()))
-        if identity[2] < 24:
+        st = os.fstat(file.fileno())
+        if st.st_size < 24:
             raise ValueError("file too short for a GGUF header")
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf[:4] != b"GGUF":
@@ -276,7 +276,7 @@ def _read_header(path: Path) -> _Header:
             fields = _read_fields(cur, n_kv)
             alignment = _alignment(fields)
             tensors = _read_tensors(cur, n_tensors, alignment, len(buf))
-    return _Header(order, alignment, fields, tensors, identity)
+    return _Header(order, alignment, fields, tensors, _identity(st))
 
 
 class ModelFile:
@@ -321,6 +321,11 @@ class ModelFile:
         """The decoded value of ``key``, or None."""
         field = self.fields.get(key)
         return None if field is None else field.contents()
+
+    def stored(self, key: str) -> tuple[gguf.GGUFValueType, bytes] | None:
+        """The type and stored bytes of the value of ``key`` (compared without decoding), or None."""
+        field = self.fields.get(key)
+        return None if field is None else (field.type, field.value_bytes)
 
     def metadata(self) -> Iterator[Field]:
         """Every key-value pair a writer should copy (all but general.architecture, which it writes first)."""
@@ -757,8 +762,7 @@ def _compare(first: ModelFile, other: ModelFile) -> None:
     if other.byte_order != first.byte_order:
         raise ValueError(f"cannot stack {where}: one file is big-endian, the other little-endian")
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens"):
-        mine, theirs = first.fields.get(key), other.fields.get(key)
-        if (mine and (mine.type, mine.value_bytes)) != (theirs and (theirs.type, theirs.value_bytes)):
+        if first.stored(key) != other.stored(key):
             raise ValueError(f"cannot stack {where}: different vocabulary ({key})")
     for field in first.metadata():
         if not field.key.startswith(f"{first.arch}.") or field.key == f"{first.arch}.layer_order":
