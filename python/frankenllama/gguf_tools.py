@@ -597,13 +597,16 @@ def remove_stale_parts(path: str | Path) -> list[Path]:
     """
     path = Path(path)
     pattern = _part_pattern(path)
+    try:
+        with os.scandir(path.parent) as entries:
+            names = [e.name for e in entries if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+    except OSError:  # a folder we may write to but not list: nothing to clean up
+        return []
     removed = []
-    with os.scandir(path.parent) as entries:
-        for entry in entries:
-            match = pattern.fullmatch(entry.name)
-            if match and entry.is_file(follow_symlinks=False) and not _pid_running(int(match.group(1))) \
-                    and _remove_if_unlocked(Path(entry.path)):
-                removed.append(Path(entry.path))
+    for name in names:
+        part = path.parent / name
+        if not _pid_running(int(pattern.fullmatch(name).group(1))) and _remove_if_unlocked(part):
+            removed.append(part)
     return removed
 
 
