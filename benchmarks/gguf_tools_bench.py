@@ -1,6 +1,6 @@
 """Speed and memory of ``materialize`` and ``stack`` next to a plain copy of the same bytes.
 
-    python benchmarks/gguf_tools_bench.py [--reps 5] [--synthetic-reps 3] [--synthetic-gib 2] [--out DIR]
+    python benchmarks/gguf_tools_bench.py [--reps 7] [--synthetic-reps 3] [--synthetic-gib 2] [--out DIR]
 
 For SmolLM2-135M, Gemma 3 270M and a synthetic GGUF of about 2 GiB (written with gguf-py into a
 temporary folder and deleted at the end), each tool runs in a child process that times only the
@@ -198,7 +198,7 @@ def main() -> None:
         child_main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=5, help="repetitions for SmolLM2 and Gemma 3 (default 5)")
+    parser.add_argument("--reps", type=int, default=7, help="repetitions for SmolLM2 and Gemma 3 (default 7)")
     parser.add_argument("--synthetic-reps", type=int, default=3, help="repetitions for the synthetic model (default 3)")
     parser.add_argument("--synthetic-gib", type=float, default=2.0, help="size of the synthetic model (0: none)")
     parser.add_argument("--no-real", action="store_true", help="skip SmolLM2 and Gemma 3")
