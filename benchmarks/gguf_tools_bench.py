@@ -6,8 +6,9 @@ For SmolLM2-135M, Gemma 3 270M and a synthetic GGUF of about 2 GiB (written with
 temporary folder and deleted at the end), each tool runs in a child process that times only the
 call (imports excluded), with the sources in the page cache.  The reference is ``shutil.copyfile``
 of a file of the same bytes (an earlier output of the same call), timed the same way in its own
-child; the two alternate which goes first, and ``os.sync()`` runs before each, so that neither
-starts with the other's dirty pages to write back.  Figures are medians over the repetitions (the
+child; the two alternate which goes first.  Before each, ``os.sync()`` runs, so that neither starts
+with the other's dirty pages to write back, and the side's input is read through, so that it is in
+the page cache; after each, its output is deleted, so that both start with the same files cached.  Figures are medians over the repetitions (the
 ratio is the median of the per-repetition ratios).  Peak RSS is the child's ``ru_maxrss`` minus
 that of an empty interpreter (``python -c pass``), both started by a small launcher process
 (a child's ``ru_maxrss`` starts at the size of the process it was forked from).
@@ -146,6 +147,14 @@ def run_child(*args: str) -> dict:
 
 # ------------------------------------------------------------------------------ measuring
 
+def read_through(path: Path) -> None:
+    """Read a whole file, so that it is in the page cache (this machine's kernel may reclaim idle pages)."""
+    buf = bytearray(8 * MiB)
+    with open(path, "rb", buffering=0) as file:
+        while file.readinto(buf):
+            pass
+
+
 def measure(name: str, tool: str, src: Path, order: str, work: Path, reps: int, empty_rss: float) -> dict:
     """One row: the tool against copyfile of the same bytes, ``reps`` times, alternating which goes first."""
     out, copy, reference = work / "out.gguf", work / "copy.gguf", work / "reference.gguf"
@@ -157,14 +166,15 @@ def measure(name: str, tool: str, src: Path, order: str, work: Path, reps: int, 
     out.rename(reference)
     n_bytes = reference.stat().st_size
     runs = []
+    sides = {"tool": (src, tool_args, out), "copy": (reference, ("copy", str(reference), str(copy)), copy)}
     for rep in range(reps):
-        sides = [("tool", tool_args), ("copy", ("copy", str(reference), str(copy)))]
         result = {}
-        for side, args in (sides if rep % 2 == 0 else sides[::-1]):
-            os.sync()  # both sides start with no dirty pages to write back (and neither waits for its own)
+        for side in ("tool", "copy") if rep % 2 == 0 else ("copy", "tool"):
+            source, args, written = sides[side]
+            os.sync()  # no dirty pages left to write back (neither side syncs its own)
+            read_through(source)
             result[side] = run_child(*args)
-        out.unlink()
-        copy.unlink()
+            written.unlink()  # each side starts with the same files in the page cache
         runs.append(result)
     reference.unlink()
     tool_s = statistics.median(r["tool"]["seconds"] for r in runs)
