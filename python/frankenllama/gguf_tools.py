@@ -420,7 +420,7 @@ class _Output:
     in the kernel: ``os.copy_file_range`` (whole pages; reflinks where the file system can), else
     ``os.sendfile``, else the buffered copy.  Any other range (most tensors: GGUF aligns them to 32
     bytes, so a renumbered tensor rarely keeps its place in a page) goes through one 1 MiB buffer
-    (``os.pread``, ``os.write``): on page-straddling ranges the kernel's copy measured about 1.5x
+    (``os.pread``, ``os.write``): on page-straddling ranges the kernel's copy measured 1.3-1.5x
     slower than that (benchmarks/RESULTS.md, "GGUF tools").
     """
 
