@@ -448,7 +448,8 @@ def _reference_materialize(path, spec, out: Path) -> None:
 
 
 def _reference_stack(paths, out: Path, base: int) -> None:
-    """stack as the previous implementation wrote it, with gguf-py's reader and writer."""
+    """stack as the previous implementation wrote it, with gguf-py's reader and writer (inputs that
+    store no order of their own)."""
     readers, models = [_reader(p) for p in paths], [gguf_tools.ModelFile(p) for p in paths]
     arch, n_layer = models[0].arch, models[0].n_layer
     dropped = {f"{arch}.block_count", f"{arch}.layer_order", f"{arch}.attention.sliding_window_pattern",
@@ -461,7 +462,9 @@ def _reference_stack(paths, out: Path, base: int) -> None:
             value = [v for r in readers for v in r.get_field(key).contents()]
         kv.append((key, value, value_type, sub_type))
     kv.append((f"{arch}.block_count", n_layer * len(paths), gguf.GGUFValueType.UINT32, None))
-    kv.append((f"{arch}.layer_order", list(range(n_layer)), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32))
+    # the base input's blocks (the previous implementation took input 0's, whatever the base)
+    base_order = [base * n_layer + il for il in range(n_layer)]
+    kv.append((f"{arch}.layer_order", base_order, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32))
     if models[0].swa_flags() is not None:
         kv.append((f"{arch}.attention.sliding_window_pattern", [f for m in models for f in m.swa_flags()],
                    gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL))
@@ -645,3 +648,14 @@ def test_truncated_files_are_refused(tiny, tmp_path):
         with pytest.raises(ValueError, match="not a readable GGUF file"):
             materialize(cut, [0], tmp_path / "out.gguf", progress=False)
     assert list(tmp_path.glob("out*")) == []
+
+
+def test_stack_runs_as_the_base_input_in_its_stored_order(tmp_path):
+    """Reproduction: a base input that stores its own order was stacked with 0..N-1 while the CLI
+    said the result runs as that input."""
+    a = write_tiny_llama(tmp_path / "a.gguf", n_layer=4, seed=31, layer_order=[0, 2, 2, 1])
+    b = write_tiny_llama(tmp_path / "b.gguf", n_layer=4, seed=32)
+    for base, want in ((0, [0, 2, 2, 1]), (1, [4, 5, 6, 7])):
+        out = tmp_path / f"ab{base}.gguf"
+        stack([a.path, b.path], out, base=base, progress=False)
+        assert list(gguf.GGUFReader(out).get_field("llama.layer_order").contents()) == want

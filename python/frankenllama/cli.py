@@ -501,7 +501,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(sources)} blocks ({_fmt_bytes(out.stat().st_size)})")
     for k, model in enumerate(models):
         print(f"  {model.name}: blocks {k * n_each}-{(k + 1) * n_each - 1}")
-    print(f"runs as {models[0].name} by default; pick blocks with --layer-order")
+    print(f"runs as {models[args.base].name} by default; pick blocks with --layer-order")
     return 0
 
 

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Sequence
 import gguf
 from tqdm import tqdm
 
-from .order import format_spec
+from .order import format_spec, parse_spec
 from .recipes import Recipe, resolve
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -321,6 +321,13 @@ class ModelFile:
         """The decoded value of ``key``, or None."""
         field = self.fields.get(key)
         return None if field is None else field.contents()
+
+    def stored_order(self) -> list[int] | None:
+        """The layer order the file stores (``<arch>.layer_order``: int array or spec), or None."""
+        value = self.field(f"{self.arch}.layer_order")
+        if value is None:
+            return None
+        return parse_spec(value, self.n_layer) if isinstance(value, str) else [int(v) for v in value]
 
     def stored(self, key: str) -> tuple[gguf.GGUFValueType, bytes] | None:
         """The type and stored bytes of the value of ``key`` (compared without decoding), or None."""
@@ -787,8 +794,9 @@ def stack(inputs: Sequence[str | Path], out_path: str | Path, *, base: int = 0, 
     Tensors are copied byte for byte in their own quantization type (mixed types are fine).  The
     non-block tensors (embeddings, output norm, output) and the metadata come from
     ``inputs[base]``.  Per-layer metadata arrays are concatenated, ``block_count`` is the total,
-    ``<arch>.layer_order`` is set to the first input's blocks (the file runs as that model by
-    default), and the source of each block is recorded under ``frankenllama.block_sources``.
+    ``<arch>.layer_order`` is set to the base input's blocks, in the order that input stores if it
+    stores one (so the file runs as the base model by default; the other inputs' stored orders
+    are not kept), and the source of each block is recorded under ``frankenllama.block_sources``.
     Returns those block sources.
 
     Raises:
@@ -824,7 +832,8 @@ def stack(inputs: Sequence[str | Path], out_path: str | Path, *, base: int = 0, 
         else:
             entries.append(field.raw)
     entries.append(enc.kv(f"{arch}.block_count", _VT.UINT32, n_layer * len(sources)))
-    entries.append(enc.kv(f"{arch}.layer_order", _VT.ARRAY, list(range(n_layer)), _VT.INT32))
+    base_order = main.stored_order() or list(range(n_layer))
+    entries.append(enc.kv(f"{arch}.layer_order", _VT.ARRAY, [base * n_layer + il for il in base_order], _VT.INT32))
     if swa[0] is not None:
         entries.append(enc.kv(f"{arch}.attention.sliding_window_pattern", _VT.ARRAY,
                               [f for flags in swa for f in flags], _VT.BOOL))
