@@ -511,3 +511,10 @@ def test_check_header_missing_and_unreadable(tmp_path):
     corrupt.write_bytes(b"GGUF" + bytes(20))
     with pytest.raises(ValueError, match="not a readable GGUF file"):
         check_header(corrupt)
+
+
+@pytest.mark.parametrize("key", ["llama.layer_order\x00x", "llama.Layer_Order", "llama.layer_order ", " llama.layer_order"])
+def test_override_keys_llama_cpp_would_misread_are_refused(tiny, key):
+    with pytest.raises(LayerOrderError, match="kv_overrides key"):
+        Llama(str(tiny.path), kv_overrides={key: "0,1"}, verbose=False)
+    _check_alive(tiny)

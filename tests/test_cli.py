@@ -350,7 +350,7 @@ ERROR_CASES = [
     (["run", "-m", "{corrupt}", "-p", "x"], ["not a readable GGUF file"]),
     (["order", "-m", "{corrupt}", "--rys", "1,2"], ["not a readable GGUF file"]),
     (["run", "-m", "{tiny}"], ["-p/--prompt"]),
-    (["run", "-m", "{tiny}", "-p", "x", "-n", "many"], ["invalid int value"]),
+    (["run", "-m", "{tiny}", "-p", "x", "-n", "many"], ["is not an integer"]),
     (["frobnicate"], ["invalid choice"]),
 ]
 
@@ -423,3 +423,12 @@ def test_huge_counts_are_refused_before_allocating(bad_headers, argv, needle):
         assert proc.returncode == 0, proc.stderr[-2000:]
     else:
         _assert_one_line_error(proc.returncode, proc.stderr, needle)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["-p", ""], "the prompt is empty"), (["-p", "hi", "-c", "-5"], "-5 is less than 1"),
+    (["-p", "hi", "--temp", "-1"], "negative"), (["-p", "hi", "-n", "0"], "0 is less than 1"),
+])
+def test_run_refuses_meaningless_arguments(tiny, capsys, args, named):
+    assert cli.main(["run", "-m", str(tiny.path), *args]) == 2
+    assert named in capsys.readouterr().err

@@ -72,6 +72,35 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- output helpers
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """argparse type: an int of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+    return parse
+
+
+def _nonempty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("the prompt is empty")
+    return text
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is negative; 0 is greedy")
+    return value
+
+
 def _err(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
@@ -570,19 +599,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "Generate text, streaming tokens to stdout; a summary (tokens, tok/s) "
                            "goes to stderr."))
     p.add_argument("-m", "--model", required=True, help="GGUF model file")
-    p.add_argument("-p", "--prompt", required=True, help="prompt (the user message with --chat)")
-    p.add_argument("-n", "--n-predict", type=int, default=64, metavar="N",
+    p.add_argument("-p", "--prompt", required=True, type=_nonempty, help="prompt (the user message with --chat)")
+    p.add_argument("-n", "--n-predict", type=_count(1), default=64, metavar="N",
                    help="tokens to generate (default 64)")
     _add_order_args(p)
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                    help="weight layers to offload to the GPU (-1: all; default 0)")
     p.add_argument("--rpc", metavar="HOST:PORT,...",
                    help="llama.cpp RPC servers to offload to (start them with frankenllama-rpc-server)")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N",
+    p.add_argument("-c", "--ctx-size", type=_count(1), default=2048, metavar="N",
                    help="context size (default 2048)")
-    p.add_argument("-t", "--threads", type=int, metavar="N",
+    p.add_argument("-t", "--threads", type=_count(1), metavar="N",
                    help="CPU threads, for the prompt too (default: llama-cpp-python's choice)")
-    p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy)")
+    p.add_argument("--temp", type=_temperature, default=0.0, help="temperature (default 0: greedy)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")

@@ -325,7 +325,9 @@ def check_kv_overrides(arch: str, kv_overrides: Mapping[str, object] | None) -> 
       ``qwen2.layer_order`` on a llama model;
     * a continuation key other than ``<arch>.layer_order.1``, ``.2``, ... (``.0``, ``.01``,
       ``.x``);
-    * a string value holding a NUL character (llama.cpp would cut the spec there).
+    * a string value holding a NUL character (llama.cpp would cut the spec there), or any key
+      holding one;
+    * a key that is a layer-order key but for case or spaces (``llama.Layer_Order``).
 
     Everything else (value types, missing pieces, the spec itself) is left to llama.cpp,
     which reports it when loading.  Pure Python; ``None`` means no overrides.
@@ -335,8 +337,15 @@ def check_kv_overrides(arch: str, kv_overrides: Mapping[str, object] | None) -> 
             f"arch must be a GGUF architecture name such as 'llama', got {arch!r}"
         )
     for key, value in (kv_overrides or {}).items():
+        if isinstance(key, str) and "\x00" in key:
+            raise LayerOrderError(f"kv_overrides key {key!r} contains a NUL character: llama.cpp would "
+                                  "read only the part before it")
         match = _ORDER_KEY.fullmatch(key) if isinstance(key, str) else None
         if match is None:
+            near = _ORDER_KEY.fullmatch("".join(key.split()).lower()) if isinstance(key, str) else None
+            if near is not None:
+                raise LayerOrderError(f"kv_overrides key {key!r} is not {override_key_name(arch, 0)!r} "
+                                      "(keys are case- and space-sensitive), so llama.cpp would ignore it")
             continue
         base = override_key_name(arch, 0)
         if match["arch"] != arch:
