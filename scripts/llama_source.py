@@ -15,6 +15,8 @@ Commands::
     llama_source.py dev [--dest DIR]       like prepare, but the tree becomes a git repository
                                            with one commit per patch, for patch development
     llama_source.py refresh [--dest DIR]   rewrite patches/ from the commits of a `dev` tree
+    llama_source.py rebase --version V     try the series on llama-cpp-python V's llama.cpp and
+                                           report the hunks that do not apply
 
 Environment::
 
@@ -40,7 +42,6 @@ VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA_CPP_COMMIT = "0c1e57098"
-VENDOR_PREFIX = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH_DIR = ROOT / "patches"
@@ -91,23 +92,29 @@ def fetch_sdist() -> Path:
 
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-        # --no-build-isolation: pip only reads the archive's metadata, with the
-        # scikit-build-core already present; an isolated env would compile cmake from source.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-               "--no-binary", PACKAGE, "--dest", tmp, f"{PACKAGE}=={VERSION}"]
-        print(f"-- frankenllama: downloading {PACKAGE}=={VERSION} source with pip", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        downloaded = Path(tmp) / SDIST_NAME
-        if proc.returncode != 0 or not downloaded.is_file():
-            raise SourceError(
-                f"could not download {PACKAGE}=={VERSION} with pip (exit {proc.returncode}):\n"
-                f"{proc.stderr.strip()[-2000:]}\n"
-                "Offline? Point FRANKENLLAMA_SDIST at a copy of the archive, or "
-                "FRANKENLLAMA_LLAMA_CPP_DIR at a prepared llama.cpp tree."
-            )
+        downloaded = _download(VERSION, Path(tmp))
         _verified(downloaded)
         os.replace(downloaded, cached)
     return cached
+
+
+def _download(version: str, folder: Path) -> Path:
+    """Download the llama-cpp-python ``version`` source archive into ``folder`` with pip."""
+    # --no-build-isolation: pip only reads the archive's metadata, with the
+    # scikit-build-core already present; an isolated env would compile cmake from source.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+           "--no-binary", PACKAGE, "--dest", str(folder), f"{PACKAGE}=={version}"]
+    print(f"-- frankenllama: downloading {PACKAGE}=={version} source with pip", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    downloaded = folder / f"llama_cpp_python-{version}.tar.gz"
+    if proc.returncode != 0 or not downloaded.is_file():
+        raise SourceError(
+            f"could not download {PACKAGE}=={version} with pip (exit {proc.returncode}):\n"
+            f"{proc.stderr.strip()[-2000:]}\n"
+            "Offline? Point FRANKENLLAMA_SDIST at a copy of the archive, or "
+            "FRANKENLLAMA_LLAMA_CPP_DIR at a prepared llama.cpp tree."
+        )
+    return downloaded
 
 
 def series() -> list[Path]:
@@ -123,8 +130,9 @@ def series_digest() -> str:
     return digest.hexdigest()
 
 
-def extract(archive: Path, dest: Path) -> None:
+def extract(archive: Path, dest: Path, version: str = VERSION) -> None:
     """Extract only vendor/llama.cpp/ of the archive into dest (replacing what was there)."""
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
     if dest.exists():
         for child in dest.iterdir():
             if child.name == "README" and dest == DEFAULT_DEST:
@@ -134,9 +142,9 @@ def extract(archive: Path, dest: Path) -> None:
     with tarfile.open(archive) as tar:
         members = []
         for member in tar.getmembers():
-            if not member.name.startswith(VENDOR_PREFIX):
+            if not member.name.startswith(prefix):
                 continue
-            member.name = member.name[len(VENDOR_PREFIX):]
+            member.name = member.name[len(prefix):]
             # .git is a submodule link into llama-cpp-python's repository: useless here
             if member.name and member.name.split("/")[0] != ".git":
                 members.append(member)
@@ -224,6 +232,34 @@ def refresh(dest: Path) -> None:
     print(f"wrote {len(new)} patch(es) to {PATCH_DIR}")
 
 
+def rebase(version: str) -> int:
+    """Try the series on another llama-cpp-python release's llama.cpp; report each patch's hunks.
+
+    Each patch is applied with ``git apply --reject`` on top of the ones before it, so one failed
+    hunk does not hide the rest; returns the number of rejected hunks (0: the series applies)."""
+    rejected_total = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = _download(version, Path(tmp))
+        print(f"{archive.name}: sha256 {sha256_of(archive)}")
+        tree = Path(tmp) / "llama.cpp"
+        extract(archive, tree, version)
+        for patch in series():
+            proc = subprocess.run(["git", "apply", "--reject", "-p1", "--whitespace=nowarn", str(patch)],
+                                  cwd=tree, capture_output=True, text=True, env=_git_env(tree))
+            rejects = sorted(tree.rglob("*.rej"))
+            hunks = {str(r.relative_to(tree))[:-4]: r.read_text().count("\n@@ ") + r.read_text().startswith("@@ ")
+                     for r in rejects}
+            n_rejected = sum(hunks.values())
+            rejected_total += n_rejected
+            status = "applies" if proc.returncode == 0 else f"{n_rejected} hunk(s) rejected"
+            print(f"{patch.name}: {status}")
+            for path, n in hunks.items():
+                print(f"    {path}: {n} hunk(s) rejected")
+            for r in rejects:
+                r.unlink()
+    return rejected_total
+
+
 def check() -> None:
     """Apply the series to a fresh pristine tree in a temporary folder."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +269,8 @@ def check() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["prepare", "check", "dev", "refresh", "fetch"])
+    parser.add_argument("command", choices=["prepare", "check", "dev", "refresh", "fetch", "rebase"])
+    parser.add_argument("--version", help="rebase: the llama-cpp-python release to try")
     parser.add_argument("--dest", type=Path, default=None,
                         help=f"tree to work on (default: {DEFAULT_DEST} for prepare, {DEV_DEST} for dev/refresh)")
     parser.add_argument("--unpatched", action="store_true",
@@ -250,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             print(fetch_sdist())
         elif args.command == "check":
             check()
+        elif args.command == "rebase":
+            if not args.version:
+                parser.error("rebase needs --version")
+            return 1 if rebase(args.version) else 0
         elif args.command == "dev":
             dev(args.dest.resolve())
         else:
