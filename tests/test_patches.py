@@ -104,3 +104,27 @@ def test_every_per_layer_hparam_is_remapped(tmp_path):
     remap = (tree / "src" / "llama-layer-order.cpp").read_text()
     moved = set(re.findall(r"remap\(hparams\.(\w+),\s*hparams_file\.\1\)", remap))
     assert per_layer == moved, f"not remapped: {sorted(per_layer - moved)}"
+
+
+def test_rebase_reports_rejected_hunks(monkeypatch, tmp_path, capsys):
+    """rebase on the pinned release applies cleanly; a patch whose context is gone is reported per
+    file and hunk (the download is replaced by the pinned archive)."""
+    import shutil
+
+    def download(version, folder):
+        copy = folder / f"llama_cpp_python-{version}.tar.gz"
+        shutil.copy(llama_source.fetch_sdist(), copy)
+        return copy
+
+    monkeypatch.setattr(llama_source, "_download", download)
+    assert llama_source.rebase(llama_source.VERSION) == 0
+    assert "0003-" in capsys.readouterr().out
+    stale = tmp_path / "patches"
+    stale.mkdir()
+    (stale / "0001-stale.patch").write_text(
+        "Subject: stale\n\n"
+        "diff --git a/src/llama.cpp b/src/llama.cpp\n--- a/src/llama.cpp\n+++ b/src/llama.cpp\n"
+        "@@ -1,2 +1,2 @@\n-this line is not in llama.cpp\n+neither is this\n context neither\n")
+    monkeypatch.setattr(llama_source, "PATCH_DIR", stale)
+    assert llama_source.rebase(llama_source.VERSION) == 1
+    assert "src/llama.cpp: 1 hunk(s) rejected" in capsys.readouterr().out
