@@ -40,14 +40,18 @@ def test_wrong_archive_hash_is_refused(tmp_path, monkeypatch):
         llama_source.fetch_sdist()
 
 
-def test_patch_that_does_not_apply_names_itself(tmp_path, monkeypatch):
-    bad = tmp_path / "patches"
-    bad.mkdir()
-    (bad / "0001-broken.patch").write_text(
+def _series_with_a_stale_patch(folder: Path, monkeypatch) -> None:
+    """Make patches/ one patch whose context is not in llama.cpp."""
+    folder.mkdir()
+    (folder / "0001-broken.patch").write_text(
         "Subject: broken\n\n"
         "diff --git a/src/llama.cpp b/src/llama.cpp\n--- a/src/llama.cpp\n+++ b/src/llama.cpp\n"
         "@@ -1,1 +1,1 @@\n-this line is not in llama.cpp\n+neither is this\n")
-    monkeypatch.setattr(llama_source, "PATCH_DIR", bad)
+    monkeypatch.setattr(llama_source, "PATCH_DIR", folder)
+
+
+def test_patch_that_does_not_apply_names_itself(tmp_path, monkeypatch):
+    _series_with_a_stale_patch(tmp_path / "patches", monkeypatch)
     with pytest.raises(llama_source.SourceError, match="0001-broken.patch does not apply"):
         llama_source.prepare(tmp_path / "llama.cpp")
 
@@ -119,12 +123,6 @@ def test_rebase_reports_rejected_hunks(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(llama_source, "_download", download)
     assert llama_source.rebase(llama_source.VERSION) == 0
     assert "0003-" in capsys.readouterr().out
-    stale = tmp_path / "patches"
-    stale.mkdir()
-    (stale / "0001-stale.patch").write_text(
-        "Subject: stale\n\n"
-        "diff --git a/src/llama.cpp b/src/llama.cpp\n--- a/src/llama.cpp\n+++ b/src/llama.cpp\n"
-        "@@ -1,2 +1,2 @@\n-this line is not in llama.cpp\n+neither is this\n context neither\n")
-    monkeypatch.setattr(llama_source, "PATCH_DIR", stale)
+    _series_with_a_stale_patch(tmp_path / "patches", monkeypatch)
     assert llama_source.rebase(llama_source.VERSION) == 1
     assert "src/llama.cpp: 1 hunk(s) rejected" in capsys.readouterr().out
