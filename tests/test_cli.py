@@ -246,9 +246,9 @@ def test_order_list_prints_every_position(capsys):
 
 
 def test_order_memory_and_kv_cache_on_a_model(capsys, tiny):
-    from frankenllama.cli import _read_stats
+    from frankenllama.model_stats import read_model_stats
 
-    stats = _read_stats(tiny.path)
+    stats = read_model_stats(tiny.path)
     per_layer_kv = 2 * (2 * tiny.head_dim * tiny.n_head_kv)  # f16 K and V of one position
     assert stats.kv_bytes_per_layer == [per_layer_kv] * 4
     assert stats.layer_bytes == tensor_bytes_per_layer(tiny.path)

@@ -12,12 +12,13 @@ import importlib.metadata
 import io
 import sys
 import textwrap
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from .generation import Generated, generate_text
 from .gguf_info import GGUFInfo, check_header
+from .llama import GenerationInterruptedError, StateMismatchError
+from .model_stats import ModelStats, read_model_stats
 from .order import MAX_LAYERS, MAX_POSITIONS, format_spec, parse_spec
 from .recipes import drop, resolve, rewind, rys
 
@@ -121,86 +122,6 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-# --------------------------------------------------------------------------- GGUF statistics
-
-
-@dataclass
-class _ModelStats:
-    """Tensor sizes and attention shape of a GGUF model, from one read of its header."""
-
-    arch: str
-    n_layer: int
-    layer_bytes: dict[int, int]     # bytes of the tensors of each block (blk.N.*)
-    other_bytes: int                # token embedding, output head, norms ...
-    kv_bytes_per_layer: list[int]   # f16 K+V cache bytes per token of each weight layer
-    stored_orders: dict[str, str]   # order-related metadata found in the file
-
-    @property
-    def total_bytes(self) -> int:
-        return self.other_bytes + sum(self.layer_bytes.values())
-
-    def weight_bytes(self, order: Sequence[int]) -> int:
-        """Bytes loaded for ``order``: each distinct block once, plus the non-block tensors."""
-        return self.other_bytes + sum(self.layer_bytes.get(il, 0) for il in set(order))
-
-    def kv_bytes(self, order: Sequence[int]) -> int:
-        """KV cache bytes per token position of ``order`` (every position has its own cache)."""
-        return sum(self.kv_bytes_per_layer[il] for il in order)
-
-
-def _per_layer(value: Any, n_layer: int, default: int | None) -> list[int | None]:
-    """A metadata value that is a scalar or a per-layer array, as one value per layer."""
-    if value is None:
-        return [default] * n_layer
-    if isinstance(value, (list, tuple)):
-        values = [int(v) for v in value]
-        if len(values) == n_layer:
-            return values
-        return [values[0] if values else default] * n_layer
-    return [int(value)] * n_layer
-
-
-def _read_stats(path: str | Path) -> _ModelStats:
-    """Read tensor sizes and the attention shape with gguf-py (one pass over the header).
-
-    KV cache per token and layer = (n_embd_k_gqa + n_embd_v_gqa) * 2 bytes (f16 cache), where
-    n_embd_k_gqa = key_length * head_count_kv and n_embd_v_gqa = value_length * head_count_kv;
-    key_length and value_length default to embedding_length / head_count, head_count_kv to
-    head_count.  Per-layer arrays are honoured.  This is the full-attention size: sliding-window
-    layers may keep a shorter cache and recurrent state is not counted.
-    """
-    from .gguf_tools import ModelFile
-
-    path = Path(path)
-    info = check_header(path)  # friendly errors for broken files, before gguf-py reads them
-    model = ModelFile(path)
-    arch, n_layer = info.arch, info.n_layer
-    field = model.field
-    layer_bytes = {il: sum(int(t.n_bytes) for t in tensors) for il, tensors in model.blocks.items()}
-    other = sum(int(t.n_bytes) for t in model.others)
-
-    n_embd = field(f"{arch}.embedding_length")
-    n_head = _per_layer(field(f"{arch}.attention.head_count"), n_layer, None)
-    n_head_kv = _per_layer(field(f"{arch}.attention.head_count_kv"), n_layer, None)
-    key_len = _per_layer(field(f"{arch}.attention.key_length"), n_layer, None)
-    val_len = _per_layer(field(f"{arch}.attention.value_length"), n_layer, None)
-    kv: list[int] = []
-    for il in range(n_layer):
-        heads = n_head[il]
-        heads_kv = n_head_kv[il] if n_head_kv[il] is not None else heads
-        head_dim = int(n_embd) // heads if n_embd and heads else 0
-        k = key_len[il] if key_len[il] is not None else head_dim
-        v = val_len[il] if val_len[il] is not None else head_dim
-        kv.append(((k + v) * (heads_kv or 0)) * 2)
-
-    stored = {}
-    for key in (f"{arch}.layer_order", "frankenllama.source_layer_order"):
-        value = field(key)
-        if value is not None:
-            stored[key] = value if isinstance(value, str) else format_spec([int(v) for v in value])
-    return _ModelStats(arch, n_layer, layer_bytes, other, kv, stored)
-
-
 # --------------------------------------------------------------------------- orders
 
 
@@ -290,69 +211,6 @@ def _load(model: Path | str, order: Sequence[int] | None, *, verbose: bool = Fal
     return _new_llama(model, order, verbose, **kwargs)
 
 
-@dataclass
-class _Generated:
-    """One streamed generation; timings from llama.cpp's perf counters, ``seconds`` wall-clock."""
-
-    text: str
-    tokens: int            # tokens generated (an end-of-text token not counted)
-    seconds: float         # wall-clock, prompt included
-    prompt_tokens: int
-    prompt_seconds: float
-    decoded: int           # generated tokens fed back one at a time (all but a last sampled one)
-    decode_seconds: float
-
-    @property
-    def tok_per_s(self) -> float:
-        """Generation speed: tokens decoded after the prompt per second of decoding."""
-        if self.decoded and self.decode_seconds > 0:
-            return self.decoded / self.decode_seconds
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        prompt = (f", prompt {self.prompt_tokens} tokens at {self.prompt_tokens / self.prompt_seconds:.1f} tok/s"
-                  if self.prompt_seconds > 0 else "")
-        return f"{self.tokens} tokens in {self.seconds:.2f} s, {self.tok_per_s:.1f} tok/s{prompt}"
-
-
-def _generate(llm: Any, prompt: str, *, n_predict: int, temperature: float, chat: bool,
-              write: Callable[[str], None]) -> _Generated:
-    """Stream a completion (or a chat reply) through ``write``; count tokens with llama.cpp's timers."""
-    import llama_cpp
-
-    llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
-    start = time.perf_counter()
-    pieces: list[str] = []
-    finish = None
-    if chat:
-        stream: Iterable[Any] = llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt}], max_tokens=n_predict,
-            temperature=temperature, stream=True)
-    else:
-        stream = llm(prompt, max_tokens=n_predict, temperature=temperature, stream=True)
-    for chunk in stream:
-        choice = chunk["choices"][0]
-        text = choice["delta"].get("content") if chat else choice.get("text")
-        if text:
-            pieces.append(text)
-            write(text)
-        finish = choice.get("finish_reason") or finish
-    seconds = time.perf_counter() - start
-    perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
-    # Generated tokens are decoded one at a time, except the last one when the run stops at
-    # max_tokens; an end-of-text token is sampled but neither decoded nor returned.  A one-token
-    # prompt is decoded alone too.  llama_perf_context reports max(1, count) for both counters, so
-    # they cannot say 0: count from the positions the context holds (the model was loaded for this
-    # run, so all of them were decoded now) and from the prompt batches, which hold 2+ tokens.
-    batched = perf.n_p_eval if perf.n_p_eval > 1 else 0
-    single = llm.n_tokens - batched          # tokens decoded one at a time
-    one_token_prompt = batched == 0 and single > 0
-    decoded = single - one_token_prompt
-    tokens = decoded + (finish == "length")
-    return _Generated("".join(pieces), tokens, seconds, batched + one_token_prompt,
-                      perf.t_p_eval_ms / 1000, decoded, perf.t_eval_ms / 1000)
-
-
 def _write_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -371,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     llm = _load(model, order, n_gpu_layers=args.n_gpu_layers, n_ctx=args.ctx_size, n_threads=args.threads,
                 n_threads_batch=args.threads, seed=args.seed, verbose=args.verbose, rpc_servers=rpc)
     try:
-        result = _generate(llm, args.prompt, n_predict=args.n_predict, temperature=args.temp,
+        result = generate_text(llm, args.prompt, n_predict=args.n_predict, temperature=args.temp,
                            chat=args.chat, write=_write_stdout)
     finally:
         llm.close()
@@ -403,7 +261,7 @@ def _check_support(model: Path, info: GGUFInfo) -> tuple[bool, str]:
     return True, f"checked by loading {format_spec(order)}"
 
 
-def _layer_table(stats: _ModelStats) -> list[str]:
+def _layer_table(stats: ModelStats) -> list[str]:
     """Runs of consecutive layers with the same tensor bytes, one line each."""
     rows: list[tuple[int, int, int]] = []  # first, last, bytes
     for il in range(stats.n_layer):
@@ -422,7 +280,7 @@ def _layer_table(stats: _ModelStats) -> list[str]:
 def cmd_info(args: argparse.Namespace) -> int:
     model = _check_model(args.model)
     info = check_header(model)
-    stats = _read_stats(model)
+    stats = read_model_stats(model)
     _err(f"loading {model} to check layer-order support...")
     supported, detail = _check_support(model, info)
     out = [
@@ -445,10 +303,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_order(args: argparse.Namespace) -> int:
-    stats: _ModelStats | None = None
+    stats: ModelStats | None = None
     if args.model is not None:
         model = _check_model(args.model)
-        stats = _read_stats(model)
+        stats = read_model_stats(model)
         n_layers = stats.n_layer
         if args.n_layers is not None and args.n_layers != n_layers:
             raise ValueError(f"--n-layers {args.n_layers} does not match the model's {n_layers} layers")
@@ -554,14 +412,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = _demo_model()
     n_layer = check_header(model).n_layer
     print(f"model:  {model.name} ({n_layer} layers)\nprompt: {args.prompt!r}\n")
-    rows: list[tuple[str, list[int], _Generated]] = []
+    rows: list[tuple[str, list[int], Generated]] = []
     for label, spec in DEMO_ORDERS:
         order = list(range(n_layer)) if spec is None else resolve(spec, n_layer)
         llm = _load(model, None if spec is None else order, n_ctx=256, n_threads=args.threads,
                     n_threads_batch=args.threads)
         print(f"== {label}: {format_spec(order)} ({len(order)} positions) ==", flush=True)
         try:
-            result = _generate(llm, args.prompt, n_predict=args.n_predict, temperature=0.0,
+            result = generate_text(llm, args.prompt, n_predict=args.n_predict, temperature=0.0,
                                chat=False, write=_write_stdout)
         finally:
             llm.close()
@@ -690,7 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): nothing left to say
         return 1
-    except (ValueError, OSError, RuntimeError, ImportError) as err:
+    except (ValueError, OSError, ImportError, StateMismatchError, GenerationInterruptedError) as err:
+        # bad input, files, connections (ConnectionError is an OSError), a missing library: one line;
+        # anything else is a bug and keeps its traceback
         try:
             sys.stdout.flush()
         except OSError:
