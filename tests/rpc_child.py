@@ -176,6 +176,14 @@ def server_dies(model: str) -> dict:
     timer.join(); server.wait()
     report["upload_cpu"] = cpu_still_right()
 
+    # 5. only the output layer on the server (n_gpu_layers=1: every position runs on the CPU)
+    server, port = _start_server(port)
+    llm = Llama(model, n_ctx=128, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=1, verbose=False)
+    llm.eval(llm.tokenize(b"Hello"))
+    server.kill(); server.wait()
+    report["output_only"] = _outcome(lambda: llm.eval(llm.tokenize(b" world")))
+    llm.close()
+
     # 4. while idle: loads that don't use it work, loads that do fail cleanly
     server, port = _start_server(port)
     Llama(model, n_ctx=128, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=99, verbose=False).close()

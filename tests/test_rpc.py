@@ -113,7 +113,7 @@ def test_a_dying_server_never_takes_the_process_down(smollm2_path):
     same way, a CPU model in the same process still answers exactly, and a restarted server on the
     same port is used again by the next load."""
     rep = _report(_child("server-dies", smollm2_path, timeout=600))
-    for case in ("prompt", "generation"):
+    for case in ("prompt", "generation", "output_only"):
         assert rep[case].startswith("ConnectionError: RPC server 127.0.0.1:"), rep
         assert "failed" in rep[case]
     assert rep["prompt_again"].startswith(("ConnectionError", "RuntimeError")), rep

@@ -148,7 +148,9 @@ class Llama(llama_cpp.Llama):
                     f"running {format_spec(applied)}): is LLAMA_CPP_LIB_PATH pointing at a stock llama.cpp?"
                 )
         self._state_prefix = self._read_state_prefix()
-        self._rpc_used = rpc.servers_of(self.layer_devices()) if self._rpc_failures else []
+        # llama.cpp spreads offloaded layers and the output layer over every registered device: a
+        # model that offloads anything may depend on any server
+        self._rpc_used = list(self._rpc_failures) if self.model_params.n_gpu_layers != 0 else []
         self._check_rpc("loading the model")
 
     # -- the order -------------------------------------------------------------------------------

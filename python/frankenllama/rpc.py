@@ -130,11 +130,6 @@ def failures() -> dict[str, int]:
     return {endpoint: int(get(endpoint.encode())) for endpoint in _registered}
 
 
-def servers_of(devices: Sequence[str]) -> list[str]:
-    """The registered endpoints that hold any of ``devices`` (device names such as ``RPC0``)."""
-    return [endpoint for endpoint, names in _registered.items() if set(names) & set(devices)]
-
-
 def failed_servers(since: dict[str, int], endpoints: Sequence[str]) -> list[str]:
     """Those of ``endpoints`` whose connection failed after the :func:`failures` snapshot ``since``."""
     now = failures() if endpoints else {}
