@@ -1,6 +1,7 @@
 """The package: patched library binding, drop-in Llama, refusal of foreign libraries."""
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import os
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import frankenllama
+import llama_source
 from frankenllama import Llama
 
 
@@ -31,7 +33,13 @@ def test_llama_cpp_uses_the_patched_library():
     assert loaded.is_file()
     llama_cpp.llama_cpp._lib.llama_layer_order_version.restype = llama_cpp.ctypes.c_char_p
     assert llama_cpp.llama_cpp._lib.llama_layer_order_version().decode() == frankenllama.LAYER_ORDER_VERSION
-    assert frankenllama.__llama_cpp_commit__ == "0c1e57098"
+
+
+def test_version_and_commit_have_one_source():
+    """The installed version (pyproject reads it from frankenllama/_version.py) and the llama.cpp
+    commit the build fetches are the ones the package reports."""
+    assert importlib.metadata.version("frankenllama") == frankenllama.__version__
+    assert frankenllama.__llama_cpp_commit__ == llama_source.LLAMA_CPP_COMMIT
 
 
 def test_subclass_of_llama_cpp_llama():

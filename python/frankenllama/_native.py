@@ -22,8 +22,6 @@ from typing import Any, Iterator
 
 import cffi
 
-#: upstream llama.cpp commit of the pinned source (vendored by llama-cpp-python 0.3.36)
-LLAMA_CPP_COMMIT = "0c1e57098"
 #: LLAMA_LAYER_ORDER_VERSION this package expects from the library
 LAYER_ORDER_VERSION = "1"
 
