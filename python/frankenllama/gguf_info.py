@@ -19,7 +19,7 @@ from typing import Any
 
 import cffi
 
-from ._native import native_library_dir
+from ._native import open_native_library
 from .order import MAX_LAYERS, check_kv_overrides
 
 __all__ = ["GGUFInfo", "check_header", "read_gguf_info"]
@@ -53,14 +53,8 @@ class GGUFInfo:
     n_layer_nextn: int  # nextn/MTP blocks, which stay last whatever the order
 
 
-@lru_cache(maxsize=None)
 def _ggml_base() -> tuple[cffi.FFI, Any]:
-    ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
-    names = [p for p in native_library_dir().glob("*ggml-base*") if p.suffix in (".so", ".dylib", ".dll")]
-    if not names:
-        raise ImportError(f"libggml-base not found in {native_library_dir()}: reinstall frankenllama")
-    return ffi, ffi.dlopen(str(sorted(names)[0]))
+    return open_native_library("ggml-base", _CDEF)
 
 
 def _int(ffi: Any, lib: Any, ctx: Any, key: str) -> int | None:
