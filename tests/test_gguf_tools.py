@@ -34,11 +34,8 @@ SEQS = [[1, 75, 108, 229, 153, 132, 119, 107, 104, 117], [1, 40, 41, 42]]
 
 
 def _logits(path, order=None, mode="batch", seqs=SEQS):
-    model = RawModel(path, kv_overrides=override_keys("llama", order) if order else None, n_threads=1)
-    try:
+    with RawModel(path, kv_overrides=override_keys("llama", order) if order else None, n_threads=1) as model:
         return run(model, seqs, mode), model.n_layer()
-    finally:
-        model.close()
 
 
 def _sha(path) -> str:

@@ -17,6 +17,7 @@ import pytest
 import frankenllama
 import llama_source
 from frankenllama import Llama
+from helpers import eval_scores, load
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -69,14 +70,8 @@ def test_order_metadata_confirms_the_order(tiny):
 
 
 def _smol_logits(path: str, mode: str, **kw) -> np.ndarray:
-    llm = Llama(path, verbose=False, n_ctx=128, n_threads=2, logits_all=True, **kw)
-    tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog. Then it")
-    if mode == "batch":
-        llm.eval(tokens)
-    else:
-        for tok in tokens:
-            llm.eval([tok])
-    scores = np.array(llm.scores[: len(tokens)])
+    llm = load(path, n_ctx=128, n_threads=2, n_threads_batch=None, logits_all=True, **kw)
+    scores = eval_scores(llm, b"The quick brown fox jumps over the lazy dog. Then it", incremental=mode == "incremental")
     llm.close()
     return scores
 
