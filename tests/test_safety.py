@@ -9,12 +9,10 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
-from llama_cpp import LlamaDiskCache, LlamaRAMCache
+from llama_cpp import LlamaRAMCache
 
 from frankenllama import GenerationInterruptedError, LayerOrderChangedError, Llama, StateMismatchError
 from helpers import load
