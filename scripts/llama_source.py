@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -41,9 +42,10 @@ PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-LLAMA_CPP_COMMIT = "0c1e57098"
 
 ROOT = Path(__file__).resolve().parent.parent
+# defined once, in the package (which reports it at run time); read by path: the build runs first
+LLAMA_CPP_COMMIT = runpy.run_path(str(ROOT / "python" / "frankenllama" / "_version.py"))["LLAMA_CPP_COMMIT"]
 PATCH_DIR = ROOT / "patches"
 DEFAULT_DEST = ROOT / "vendor" / "llama.cpp"
 DEV_DEST = ROOT / "build" / "llama.cpp-dev"  # a git repository: kept out of vendor/ (and out of git)

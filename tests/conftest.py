@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 
+import frankenllama  # noqa: F401  (binds the patched library before anything imports llama_cpp)
+
+# tests/ and scripts/ are on sys.path: pyproject.toml's [tool.pytest.ini_options] pythonpath
+from tiny_model import TinyModel, write_tiny_llama
+
 TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import frankenllama  # noqa: E402,F401  (binds the patched library before anything imports llama_cpp)
-
-from tiny_model import TinyModel, write_tiny_llama  # noqa: E402
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("FRANKENLLAMA_CACHE", Path.home() / ".cache" / "frankenllama"))

@@ -14,7 +14,7 @@ from typing import Mapping
 import gguf
 import numpy as np
 
-from tiny_model import TinyModel
+from tiny_model import TinyModel, write_gguf
 
 #: projections of a tiny block that an adapter may adapt: name -> attribute of LayerWeights
 PROJECTIONS = {"attn_q": "wq", "attn_v": "wv", "ffn_up": "ffn_up"}
@@ -53,10 +53,7 @@ def write_lora(path: str | Path, blocks: Mapping[int, Mapping[str, tuple[np.ndar
         for proj, (a, b) in blocks[blk].items():
             w.add_tensor(f"blk.{blk}.{proj}.weight.lora_a", np.ascontiguousarray(a, dtype=np.float32))
             w.add_tensor(f"blk.{blk}.{proj}.weight.lora_b", np.ascontiguousarray(b, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(w)
     return path
 
 

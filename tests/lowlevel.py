@@ -27,7 +27,10 @@ class Step:
 
 
 class RawModel:
-    """A model and one context; ``decode`` returns the logits of every token of a batch."""
+    """A model and one context; ``decode`` returns the logits of every token of a batch.
+
+    A context manager: ``with RawModel(path) as model:`` closes it at the end of the block.
+    """
 
     def __init__(self, path: "str | os.PathLike[str]", *, kv_overrides: dict[str, str] | None = None, n_ctx: int = 512,
                  n_seq_max: int = 2, f32_kv: bool = True, flash_attn: bool = False, type_k: int | None = None,
@@ -118,6 +121,12 @@ class RawModel:
             self.ll.llama_model_free(self.model)
             self.model = None
 
+    def __enter__(self) -> "RawModel":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def identical(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
     """Per-sequence logits equal bit for bit (same shapes, max |diff| == 0)."""
@@ -168,11 +177,8 @@ def main() -> int:
     parser.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--f16-kv", action="store_true")
     args = parser.parse_args()
-    model = RawModel(args.model, n_ctx=args.n_ctx, f32_kv=not args.f16_kv)
-    try:
+    with RawModel(args.model, n_ctx=args.n_ctx, f32_kv=not args.f16_kv) as model:
         out = run(model, json.loads(args.seqs), args.mode)
-    finally:
-        model.close()
     np.savez(args.out, *out)
     return 0
 

@@ -22,7 +22,7 @@ import frankenllama
 from frankenllama import Llama, _native
 from frankenllama.gguf_tools import tensor_bytes_per_layer
 from frankenllama.order import parse_spec
-from frankenllama.rpc import rpc_server_path
+from helpers import eval_scores, load, start_rpc_server
 
 PROMPT = b"The Frankenstein monster was assembled from parts of"
 _BUFFER = re.compile(r"(\S+?)(?:\[[^\]]*\])? (model|KV) buffer size =\s+([\d.]+) MiB")
@@ -37,33 +37,27 @@ def _buffers(log: list[tuple[int, str]], kind: str) -> dict[str, float]:
     return sizes
 
 
-def _scores(llm: Llama, incremental: bool) -> np.ndarray:
-    llm.reset()
-    tokens = llm.tokenize(PROMPT)
-    if incremental:
-        for tok in tokens:
-            llm.eval([tok])
-    else:
-        llm.eval(tokens)
-    return np.array(llm.scores[: len(tokens)])
+def _scores(llm: Llama) -> list[np.ndarray]:
+    """Logits of PROMPT, in one batch and token by token."""
+    return [eval_scores(llm, PROMPT), eval_scores(llm, PROMPT, incremental=True)]
 
 
 def _load(model: str, **kw) -> tuple[Llama, list[tuple[int, str]]]:
     with _native.capture_llama_log() as log:
-        llm = Llama(model, n_ctx=128, n_threads=1, logits_all=True, verbose=False, **kw)
+        llm = load(model, n_ctx=128, n_threads_batch=None, logits_all=True, **kw)
     return llm, log
 
 
 def offload(model: str, order: str, n_gpu_layers: str, *endpoints: str) -> dict:
     cpu, _ = _load(model, layer_order=order)
-    want = [_scores(cpu, False), _scores(cpu, True)]
+    want = _scores(cpu)
     cpu.close()
     ngl = int(n_gpu_layers)
     plain, _ = _load(model, rpc_servers=list(endpoints), n_gpu_layers=ngl)
     weight_devices = plain.layer_devices()  # no order: position i runs weight layer i
     plain.close()
     llm, log = _load(model, layer_order=order, rpc_servers=list(endpoints), n_gpu_layers=ngl)
-    got = [_scores(llm, False), _scores(llm, True)]
+    got = _scores(llm)
     report = {"order": llm.layer_order, "devices": llm.layer_devices(), "weight_devices": weight_devices,
               "kv_buffer_mib": _buffers(log, "KV"),
               "identical_batch": bool(np.array_equal(got[0], want[0])),
@@ -94,26 +88,6 @@ def unreachable(model: str, endpoint: str) -> dict:
     report["alive"] = len(llm.tokenize(b"still here")) > 0
     llm.close()
     return report
-
-
-def _start_server(port: int = 0) -> tuple[subprocess.Popen, int]:
-    import socket
-
-    if port == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    server = subprocess.Popen([str(rpc_server_path()), "-p", str(port), "-t", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            time.sleep(0.2)  # the probe connection is served and closed first
-            return server, port
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("rpc-server did not start")
 
 
 def _kill_after(server: subprocess.Popen, seconds: float) -> threading.Timer:
@@ -148,7 +122,7 @@ def server_dies(model: str) -> dict:
     long_prompt = "Once upon a time, " * 40
 
     # 1. during prompt processing (a long prompt, the kill lands while it is computed)
-    server, port = _start_server()
+    server, port = start_rpc_server()
     llm = Llama(model, n_ctx=512, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=99, verbose=False)
     timer = _kill_after(server, 0.05)
     report["prompt"] = _outcome(lambda: [llm(long_prompt, max_tokens=4, temperature=0.0) for _ in range(50)])
@@ -158,7 +132,7 @@ def server_dies(model: str) -> dict:
     report["prompt_cpu"] = cpu_still_right()
 
     # 2. during token generation (the server restarts on the same port: a reload must work)
-    server, port = _start_server(port)
+    server, port = start_rpc_server(port)
     llm = Llama(model, n_ctx=512, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=99, verbose=False)
     report["restarted_same"] = llm("Tell me a story", max_tokens=8, temperature=0.0)["choices"][0]["text"] == want
     stream = llm("Tell me a story", max_tokens=200, temperature=0.0, stream=True)
@@ -169,7 +143,7 @@ def server_dies(model: str) -> dict:
     report["generation_cpu"] = cpu_still_right()
 
     # 3. during model upload
-    server, port = _start_server(port)
+    server, port = start_rpc_server(port)
     timer = _kill_after(server, 0.02)
     report["upload"] = _outcome(lambda: Llama(model, n_ctx=128, n_threads=1, rpc_servers=f"127.0.0.1:{port}",
                                               n_gpu_layers=99, use_mmap=False, verbose=False)("Hi", max_tokens=2))
@@ -177,7 +151,7 @@ def server_dies(model: str) -> dict:
     report["upload_cpu"] = cpu_still_right()
 
     # 5. only the output layer on the server (n_gpu_layers=1: every position runs on the CPU)
-    server, port = _start_server(port)
+    server, port = start_rpc_server(port)
     llm = Llama(model, n_ctx=128, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=1, verbose=False)
     llm.eval(llm.tokenize(b"Hello"))
     server.kill(); server.wait()
@@ -185,7 +159,7 @@ def server_dies(model: str) -> dict:
     llm.close()
 
     # 4. while idle: loads that don't use it work, loads that do fail cleanly
-    server, port = _start_server(port)
+    server, port = start_rpc_server(port)
     Llama(model, n_ctx=128, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=99, verbose=False).close()
     server.kill(); server.wait()
     report["idle_cpu"] = cpu_still_right()
@@ -196,13 +170,13 @@ def server_dies(model: str) -> dict:
 def hangs(model: str) -> dict:
     """Registrations that used to block forever: the same server under two names, a server that
     another client holds."""
-    server, port = _start_server()
+    server, port = start_rpc_server()
     report = {}
     t0 = time.time()
     report["two_names"] = _outcome(lambda: Llama(model, rpc_servers=[f"127.0.0.1:{port}", f"localhost:{port}"],
                                                  n_gpu_layers=99, verbose=False))
     report["two_names_s"] = time.time() - t0
-    other, other_port = _start_server()
+    other, other_port = start_rpc_server()
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(other_port), model], stdout=subprocess.PIPE, text=True)
     holder.stdout.readline()  # another process holds that server now
     t0 = time.time()

@@ -25,7 +25,8 @@ import pytest
 import frankenllama
 from frankenllama.gguf_tools import materialize
 from frankenllama.order import override_keys
-from lowlevel import RawModel, assert_identical, run
+from helpers import raw_logits
+from lowlevel import RawModel, assert_identical
 from tiny_archs import ARCHS, REFUSED_ARCH, write_tiny
 
 N_LAYER = 4
@@ -56,11 +57,7 @@ def _order(arch: str, name: str) -> list[int]:
 
 def _logits(path, mode: str, kv_overrides=None) -> list[np.ndarray]:
     # one thread: the models are tiny, and busy-waiting threads on shared cores cost seconds
-    model = RawModel(path, kv_overrides=kv_overrides, n_ctx=N_CTX, n_threads=1)
-    try:
-        return run(model, SEQS, mode)
-    finally:
-        model.close()
+    return raw_logits(path, SEQS, mode, kv_overrides=kv_overrides, n_ctx=N_CTX, n_threads=1)
 
 
 @pytest.fixture(scope="module")

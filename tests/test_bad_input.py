@@ -7,6 +7,7 @@ Python first), a raw ``kv_overrides`` entry (only the C parser sees it), and the
 """
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from pathlib import Path
@@ -17,14 +18,13 @@ import pytest
 
 from frankenllama import LayerOrderError, Llama
 from frankenllama.gguf_info import check_header
+from helpers import load, scores_so_far
 from tiny_model import rewrite_gguf
 
 TOKENS = [1, 75, 108, 229, 153, 132]
 
 
-def _load(path, **kw) -> Llama:
-    kw.setdefault("n_ctx", 32)
-    return Llama(str(path), verbose=False, n_threads=1, n_threads_batch=1, **kw)
+_load = functools.partial(load, n_ctx=32)
 
 
 def _check_alive(tiny) -> None:
@@ -33,7 +33,7 @@ def _check_alive(tiny) -> None:
     try:
         assert llm.layer_order == [0, 1, 1, 2]
         llm.eval(TOKENS)
-        scores = np.array(llm.scores[: llm.n_tokens])
+        scores = scores_so_far(llm)
     finally:
         llm.close()
     assert scores.shape == (len(TOKENS), tiny.n_vocab)

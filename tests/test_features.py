@@ -6,6 +6,8 @@ bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 
 import llama_cpp
@@ -15,6 +17,7 @@ import pytest
 from frankenllama import Llama, StateMismatchError, _native
 from frankenllama.gguf_tools import materialize, tensor_bytes_per_layer
 from frankenllama.order import override_keys, parse_spec
+from helpers import THREADS, eval_scores, load, raw_logits, scores_so_far
 from lora_adapter import write_lora_pair
 from lowlevel import RawModel, assert_identical, run
 
@@ -23,20 +26,8 @@ TINY_PROMPT = TINY_SEQS[0]
 TINY_MORE = [60, 61, 62, 63, 64]
 SMOL_PROMPT = [1, 504, 3575, 282, 4649, 314, 1345, 28, 3575, 282, 4649, 314, 253, 2272, 3458, 30]
 SMOL_SPEC = "0-29,8-22"
-THREADS = 1  # ggml spin-waits between threads: one thread is far steadier on a busy 2-core machine
 
-
-def _llama(path, **kw) -> Llama:
-    kw.setdefault("n_ctx", 64)
-    return Llama(str(path), verbose=False, n_threads=THREADS, n_threads_batch=THREADS, **kw)
-
-
-def _eval_scores(llm: Llama, *chunks: list[int]) -> np.ndarray:
-    """Reset, eval each chunk in turn; the scores of every token so far (needs logits_all=True)."""
-    llm.reset()
-    for chunk in chunks:
-        llm.eval(chunk)
-    return np.array(llm.scores[: llm.n_tokens])
+_llama = functools.partial(load, n_ctx=64)
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +56,16 @@ def test_state_save_load_with_order(tiny, tiny_twin):
     llm.eval(TINY_PROMPT)
     state = llm.save_state()
     llm.eval(TINY_MORE)
-    first = np.array(llm.scores[: llm.n_tokens])
+    first = scores_so_far(llm)
     llm.load_state(state)
     assert llm.n_tokens == len(TINY_PROMPT)
     llm.eval(TINY_MORE)
-    second = np.array(llm.scores[: llm.n_tokens])
+    second = scores_so_far(llm)
     llm.close()
     assert np.array_equal(first, second)
 
     twin = _llama(tiny_twin(order), logits_all=True)
-    want = _eval_scores(twin, TINY_PROMPT, TINY_MORE)
+    want = eval_scores(twin, TINY_PROMPT, TINY_MORE)
     twin.close()
     assert np.array_equal(second, want), f"max |diff| = {np.abs(second - want).max()}"
 
@@ -86,14 +77,14 @@ def test_state_from_another_order_is_refused(tiny):
     a.close()
 
     b = _llama(tiny.path, layer_order=[3, 2, 1, 0], logits_all=True)
-    before = _eval_scores(b, TINY_PROMPT)
+    before = eval_scores(b, TINY_PROMPT)
     assert not np.array_equal(before, np.array(state.scores[: len(TINY_PROMPT)]))  # the orders differ
     n_tokens, input_ids = b.n_tokens, b.input_ids.copy()
     with pytest.raises(StateMismatchError, match="saved under another layer order") as refused:
         b.load_state(state)
     assert isinstance(refused.value, RuntimeError)  # what llama-cpp-python raises
     assert (b.n_tokens, b.input_ids.tolist()) == (n_tokens, input_ids.tolist())
-    after = _eval_scores(b, TINY_PROMPT)  # the model still works, and still runs its own order
+    after = eval_scores(b, TINY_PROMPT)  # the model still works, and still runs its own order
     b.close()
     assert np.array_equal(before, after)
 
@@ -104,12 +95,12 @@ def test_state_from_same_order_other_instance_loads(tiny):
     a.eval(TINY_PROMPT)
     state = a.save_state()
     a.eval(TINY_MORE)
-    want = np.array(a.scores[: a.n_tokens])
+    want = scores_so_far(a)
     a.close()
     b = _llama(tiny.path, layer_order=[3, 2, 1, 0], logits_all=True)
     b.load_state(state)
     b.eval(TINY_MORE)
-    got = np.array(b.scores[: b.n_tokens])
+    got = scores_so_far(b)
     b.close()
     assert np.array_equal(got, want)
 
@@ -120,14 +111,13 @@ def test_state_from_same_order_other_instance_loads(tiny):
 @pytest.mark.parametrize("mode", ["batch", "incremental"])
 def test_embeddings_with_order(tiny, tiny_twin, mode):
     order = [0, 1, 1, 2]
-    in_situ = RawModel(tiny.path, kv_overrides=override_keys("llama", order), embeddings=True, n_threads=THREADS)
-    twin = RawModel(tiny_twin(order), embeddings=True, n_threads=THREADS)
-    other = RawModel(tiny.path, kv_overrides=override_keys("llama", [2, 1, 1, 0]), embeddings=True, n_threads=THREADS)
-    try:
-        got, want, differ = (run(m, TINY_SEQS, mode) for m in (in_situ, twin, other))
-    finally:
-        for m in (in_situ, twin, other):
-            m.close()
+
+    def embeddings(path, kv_overrides=None):
+        return raw_logits(path, TINY_SEQS, mode, kv_overrides=kv_overrides, embeddings=True, n_threads=THREADS)
+
+    got = embeddings(tiny.path, override_keys("llama", order))
+    want = embeddings(tiny_twin(order))
+    differ = embeddings(tiny.path, override_keys("llama", [2, 1, 1, 0]))
     assert got[0].shape == (len(TINY_SEQS[0]), tiny.n_embd)
     assert_identical(got, want)
     assert np.abs(got[0] - differ[0]).max() > 1e-2  # the comparison can fail
@@ -154,16 +144,16 @@ def test_lora_with_order(tiny, tiny_twin, tmp_path):
     write_lora_pair(tiny, order, [1, 2], adapter, twin_adapter, seed=3)
 
     plain = _llama(tiny.path, layer_order=order, logits_all=True)
-    base = _eval_scores(plain, TINY_PROMPT)
+    base = eval_scores(plain, TINY_PROMPT)
     plain.close()
     a = _llama(tiny.path, layer_order=order, logits_all=True, lora_path=str(adapter))
     assert a.layer_order == order
-    got = _eval_scores(a, TINY_PROMPT)
-    got_incr = _eval_scores(a, *[[t] for t in TINY_PROMPT])
+    got = eval_scores(a, TINY_PROMPT)
+    got_incr = eval_scores(a, TINY_PROMPT, incremental=True)
     a.close()
     b = _llama(tiny_twin(order), logits_all=True, lora_path=str(twin_adapter))
-    want = _eval_scores(b, TINY_PROMPT)
-    want_incr = _eval_scores(b, *[[t] for t in TINY_PROMPT])
+    want = eval_scores(b, TINY_PROMPT)
+    want_incr = eval_scores(b, TINY_PROMPT, incremental=True)
     b.close()
 
     assert np.abs(got - base).max() > 1e-2, "the adapter does not change the logits"
@@ -179,10 +169,10 @@ def test_lora_then_set_layer_order(tiny, tiny_twin, tmp_path):
     a = _llama(tiny.path, logits_all=True, lora_path=str(adapter))
     a.set_layer_order(order)
     assert a.layer_order == order
-    got = _eval_scores(a, TINY_PROMPT)
+    got = eval_scores(a, TINY_PROMPT)
     a.close()
     b = _llama(tiny_twin(order), logits_all=True, lora_path=str(twin_adapter))
-    want = _eval_scores(b, TINY_PROMPT)
+    want = eval_scores(b, TINY_PROMPT)
     b.close()
     assert np.array_equal(got, want), f"max |diff| = {np.abs(got - want).max()}"
 
@@ -207,17 +197,12 @@ KV_CONFIGS = {
 @pytest.mark.parametrize("mode", ["batch", "incremental"])
 def test_kv_types_and_flash_attention(smollm2_path, smol_twin, config, mode):
     kw = KV_CONFIGS[config]
-    in_situ = RawModel(smollm2_path, kv_overrides=override_keys("llama", parse_spec(SMOL_SPEC)), n_ctx=64,
-                       n_threads=THREADS, **kw)
-    twin = RawModel(smol_twin, n_ctx=64, n_threads=THREADS, **kw)
-    try:
+    with RawModel(smollm2_path, kv_overrides=override_keys("llama", parse_spec(SMOL_SPEC)), n_ctx=64,
+                  n_threads=THREADS, **kw) as in_situ, RawModel(smol_twin, n_ctx=64, n_threads=THREADS, **kw) as twin:
         assert in_situ.n_layer() == 45
         seqs = [SMOL_PROMPT] if mode == "batch" else [SMOL_PROMPT[:10]]
         got = run(in_situ, seqs, mode)
         want = run(twin, seqs, mode)
-    finally:
-        in_situ.close()
-        twin.close()
     assert np.all(np.isfinite(got[0]))
     assert_identical(got, want)
 
@@ -235,14 +220,14 @@ def test_save_reordered_model_refused(tiny, tmp_path):
 
 def test_save_without_order_writes_loadable_file(tiny, tmp_path):
     llm = _llama(tiny.path, logits_all=True)
-    want = _eval_scores(llm, TINY_PROMPT)
+    want = eval_scores(llm, TINY_PROMPT)
     out = tmp_path / "saved.gguf"
     llama_cpp.llama_model_save_to_file(llm.model, str(out).encode())
     llm.close()
     assert out.is_file()
     again = _llama(out, logits_all=True)
     assert again.layer_order == [0, 1, 2, 3]
-    got = _eval_scores(again, TINY_PROMPT)
+    got = eval_scores(again, TINY_PROMPT)
     again.close()
     assert np.array_equal(got, want)
 
@@ -257,7 +242,7 @@ def test_510_positions(smollm2_path):
         assert llama_cpp.llama_model_n_layer(llm.model) == 510
         assert len(llm.layer_order) == 510
         assert llm.n_weight_layers == 30
-        scores = _eval_scores(llm, SMOL_PROMPT[:6])
+        scores = eval_scores(llm, SMOL_PROMPT[:6])
     finally:
         llm.close()
     assert scores.shape[0] == 6
@@ -284,7 +269,7 @@ def test_gemma3_full_attention_only_generates(gemma3_path):
         assert llama_cpp.llama_model_n_layer(llm.model) == 3
         prompt = llm.tokenize(b"The capital of France is")
         got = _greedy(llm, prompt, 5)
-        scores = np.array(llm.scores[: llm.n_tokens])
+        scores = scores_so_far(llm)
     finally:
         llm.close()
     assert len(got) == 5
@@ -331,7 +316,7 @@ def test_two_orders_in_one_process(tiny):
 
     def alone(order):
         llm = _llama(tiny.path, layer_order=order, logits_all=True)
-        scores = _eval_scores(llm, *halves)
+        scores = eval_scores(llm, *halves)
         llm.close()
         return scores
 
@@ -344,7 +329,7 @@ def test_two_orders_in_one_process(tiny):
     b.eval(halves[0])
     a.eval(halves[1])
     b.eval(halves[1])
-    got_a, got_b = np.array(a.scores[: a.n_tokens]), np.array(b.scores[: b.n_tokens])
+    got_a, got_b = scores_so_far(a), scores_so_far(b)
     assert a.layer_order == a_order and b.layer_order == b_order
     a.close()
     b.close()
@@ -359,19 +344,12 @@ def test_two_smollm2_orders_in_one_process(smollm2_path):
     def logits(model):
         return run(model, [SMOL_PROMPT], "batch")[0]
 
-    alone = []
-    for spec in specs:
-        m = RawModel(smollm2_path, kv_overrides=override_keys("llama", parse_spec(spec)), n_ctx=64, n_threads=THREADS)
-        alone.append(logits(m))
-        m.close()
-    models = [RawModel(smollm2_path, kv_overrides=override_keys("llama", parse_spec(s)), n_ctx=64, n_threads=THREADS)
-              for s in specs]
-    try:
+    kw = [dict(kv_overrides=override_keys("llama", parse_spec(spec)), n_ctx=64, n_threads=THREADS) for spec in specs]
+    alone = [raw_logits(smollm2_path, [SMOL_PROMPT], **k)[0] for k in kw]
+    with contextlib.ExitStack() as stack:
+        models = [stack.enter_context(RawModel(smollm2_path, **k)) for k in kw]
         together = [logits(m) for m in models]
         together_again = [logits(m) for m in reversed(models)][::-1]
-    finally:
-        for m in models:
-            m.close()
     for x, y, z in zip(alone, together, together_again):
         assert np.array_equal(x, y)
         assert np.array_equal(x, z)

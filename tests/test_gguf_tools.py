@@ -25,7 +25,7 @@ from frankenllama.gguf_tools import BLOCK_SOURCES_KEY, materialize, stack
 from frankenllama.order import override_keys
 from frankenllama.recipes import resolve
 from lowlevel import RawModel, identical, run
-from tiny_model import write_tiny_llama
+from tiny_model import write_gguf, write_tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from gguf_tools_bench import run_child, write_synthetic_model  # noqa: E402
@@ -34,11 +34,8 @@ SEQS = [[1, 75, 108, 229, 153, 132, 119, 107, 104, 117], [1, 40, 41, 42]]
 
 
 def _logits(path, order=None, mode="batch", seqs=SEQS):
-    model = RawModel(path, kv_overrides=override_keys("llama", order) if order else None, n_threads=1)
-    try:
+    with RawModel(path, kv_overrides=override_keys("llama", order) if order else None, n_threads=1) as model:
         return run(model, seqs, mode), model.n_layer()
-    finally:
-        model.close()
 
 
 def _sha(path) -> str:
@@ -60,10 +57,7 @@ def _fine_tune(base: Path, out: Path, seed: int) -> Path:
         if tensor.name.startswith("blk."):
             data = data + rng.normal(0, 0.05, data.shape).astype(np.float32)
         writer.add_tensor(tensor.name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
     return out
 
 
@@ -519,10 +513,7 @@ def _write_small_model(path: Path, *, endianess=gguf.GGUFEndian.LITTLE, alignmen
         writer.add_tensor(f"blk.{il}.ffn_up.weight", rng.normal(size=(5, 40)).astype(np.float16))
         q8 = rng.integers(0, 256, size=(2, 34 * 2), dtype=np.uint8)  # 2 rows of 64 Q8_0 values
         writer.add_tensor(f"blk.{il}.attn_q.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
     return path
 
 

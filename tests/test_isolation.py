@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import pytest
 
 from frankenllama import Llama
+from helpers import eval_scores, load
 
 PROMPTS = (b"Frankenmerges stack layers", b"of one model", b"abc def ghi jkl")
 ROUNDS = 3
@@ -28,21 +28,13 @@ SMOL_A, SMOL_B = "0-29,8-22", "0-9,20-29"
 def _load(path: str, order: Any) -> Llama:
     # verbose=True: with verbose=False llama-cpp-python redirects the process's stdout/stderr file
     # descriptors around each load, which is not thread-safe (upstream, with any library)
-    return Llama(path, layer_order=order, verbose=True, n_ctx=128, n_threads=1, n_threads_batch=1,
-                 logits_all=True)
-
-
-def _scores(llm: Llama, prompt: bytes) -> np.ndarray:
-    llm.reset()
-    tokens = llm.tokenize(prompt)
-    llm.eval(tokens)
-    return np.array(llm.scores[: len(tokens)])
+    return load(path, layer_order=order, verbose=True, n_ctx=128, logits_all=True)
 
 
 def _alone(path: str, order: Any) -> list[np.ndarray]:
     llm = _load(path, order)
     try:
-        return [_scores(llm, p) for p in PROMPTS]
+        return [eval_scores(llm, p) for p in PROMPTS]
     finally:
         llm.close()
 
@@ -58,7 +50,7 @@ def _worker(path: str, order: Any, start: threading.Barrier) -> tuple[list[list[
     try:
         applied = llm.layer_order
         start.wait(timeout=120)
-        return [[_scores(llm, p) for p in PROMPTS] for _ in range(ROUNDS)], applied
+        return [[eval_scores(llm, p) for p in PROMPTS] for _ in range(ROUNDS)], applied
     finally:
         llm.close()
 
@@ -71,7 +63,7 @@ def _switcher(path: str, orders: list[Any], start: threading.Barrier) -> list[tu
         results = []
         for order in orders:
             llm.set_layer_order(order)
-            results.append((order, [_scores(llm, p) for p in PROMPTS]))
+            results.append((order, [eval_scores(llm, p) for p in PROMPTS]))
         return results
     finally:
         llm.close()

@@ -12,7 +12,8 @@ import pytest
 
 from frankenllama.gguf_tools import materialize
 from frankenllama.order import override_keys, parse_spec
-from lowlevel import RawModel, assert_identical, run
+from helpers import raw_logits
+from lowlevel import assert_identical
 
 from conftest import run_stock
 
@@ -30,18 +31,18 @@ PROMPT = [1, 504, 3575, 282, 4649, 314, 1345, 28, 3575, 282, 4649, 314, 253, 227
 
 
 def _logits(path, mode, kv_overrides=None, seqs=(PROMPT,), **kw):
-    model = RawModel(path, kv_overrides=kv_overrides, **kw)
-    try:
-        return run(model, list(seqs), mode)
-    finally:
-        model.close()
+    return raw_logits(path, list(seqs), mode, kv_overrides=kv_overrides, **kw)
+
+
+def _twins(path, orders, out) -> dict[str, str]:
+    """name -> the file of each order of ``orders`` (name -> spec) materialized from ``path`` into ``out``."""
+    return {name: str(out / f"{name}.gguf") for name, spec in orders.items()
+            if materialize(path, spec, out / f"{name}.gguf", progress=False)}
 
 
 @pytest.fixture(scope="module")
 def smol_twins(smollm2_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol-twins")
-    return {name: str(out / f"{name}.gguf") for name, spec in SMOL_ORDERS.items()
-            if materialize(smollm2_path, spec, out / f"{name}.gguf", progress=False)}
+    return _twins(smollm2_path, SMOL_ORDERS, tmp_path_factory.mktemp("smol-twins"))
 
 
 @pytest.mark.parametrize("name", list(SMOL_ORDERS))
@@ -86,9 +87,7 @@ def test_no_order_equals_stock_library(smollm2_path, stock_lib_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def gemma_twins(gemma3_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gemma-twins")
-    return {name: str(out / f"{name}.gguf") for name, spec in GEMMA_ORDERS.items()
-            if materialize(gemma3_path, spec, out / f"{name}.gguf", progress=False)}
+    return _twins(gemma3_path, GEMMA_ORDERS, tmp_path_factory.mktemp("gemma-twins"))
 
 
 @pytest.mark.parametrize("name", list(GEMMA_ORDERS))

@@ -7,7 +7,7 @@ import pytest
 
 from frankenllama import Llama
 from frankenllama.order import override_keys
-from lowlevel import RawModel, run
+from helpers import raw_logits
 from reference import reference_logits
 from tiny_model import rewrite_gguf
 
@@ -21,11 +21,7 @@ def smollm3(tiny, tmp_path_factory):
 
 
 def _logits(path, order=None):
-    model = RawModel(path, kv_overrides=override_keys("smollm3", order) if order else None, n_threads=1)
-    try:
-        return run(model, [SEQ], "batch")[0]
-    finally:
-        model.close()
+    return raw_logits(path, [SEQ], kv_overrides=override_keys("smollm3", order) if order else None, n_threads=1)[0]
 
 
 def test_file_order_has_nope_in_the_last_layer(smollm3, tiny):

@@ -6,17 +6,10 @@
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-try:
-    import frankenllama.order  # noqa: F401
-except ImportError:  # running from a checkout without an installed package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from frankenllama.order import (
     MAX_OVERRIDE_BYTES,

@@ -1,6 +1,7 @@
 """The package: patched library binding, drop-in Llama, refusal of foreign libraries."""
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import os
 import shutil
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 
 import frankenllama
+import llama_source
 from frankenllama import Llama
+from helpers import eval_scores, load
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -31,7 +34,13 @@ def test_llama_cpp_uses_the_patched_library():
     assert loaded.is_file()
     llama_cpp.llama_cpp._lib.llama_layer_order_version.restype = llama_cpp.ctypes.c_char_p
     assert llama_cpp.llama_cpp._lib.llama_layer_order_version().decode() == frankenllama.LAYER_ORDER_VERSION
-    assert frankenllama.__llama_cpp_commit__ == "0c1e57098"
+
+
+def test_version_and_commit_have_one_source():
+    """The installed version (pyproject reads it from frankenllama/_version.py) and the llama.cpp
+    commit the build fetches are the ones the package reports."""
+    assert importlib.metadata.version("frankenllama") == frankenllama.__version__
+    assert frankenllama.__llama_cpp_commit__ == llama_source.LLAMA_CPP_COMMIT
 
 
 def test_subclass_of_llama_cpp_llama():
@@ -61,14 +70,8 @@ def test_order_metadata_confirms_the_order(tiny):
 
 
 def _smol_logits(path: str, mode: str, **kw) -> np.ndarray:
-    llm = Llama(path, verbose=False, n_ctx=128, n_threads=2, logits_all=True, **kw)
-    tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog. Then it")
-    if mode == "batch":
-        llm.eval(tokens)
-    else:
-        for tok in tokens:
-            llm.eval([tok])
-    scores = np.array(llm.scores[: len(tokens)])
+    llm = load(path, n_ctx=128, n_threads=2, n_threads_batch=None, logits_all=True, **kw)
+    scores = eval_scores(llm, b"The quick brown fox jumps over the lazy dog. Then it", incremental=mode == "incremental")
     llm.close()
     return scores
 

@@ -11,11 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-try:
-    import frankenllama.recipes  # noqa: F401
-except ImportError:  # running from a checkout without an installed package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
 from frankenllama.order import MAX_POSITIONS, LayerOrderError, format_spec, parse_spec
 from frankenllama.recipes import (
     CLASSIC_RECIPES,

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from frankenllama.order import override_keys
+from helpers import raw_logits
 from lowlevel import RawModel, run
 from reference import reference_logits
 
@@ -22,9 +23,8 @@ SEQS = [[1, 75, 108, 229, 153, 132, 119, 107, 104, 117], [1, 40, 41, 42, 43, 44,
 @pytest.fixture(scope="module", params=list(ORDERS))
 def order_and_model(request, tiny):
     order = ORDERS[request.param]
-    model = RawModel(tiny.path, kv_overrides=override_keys("llama", order))
-    yield order, model
-    model.close()
+    with RawModel(tiny.path, kv_overrides=override_keys("llama", order)) as model:
+        yield order, model
 
 
 @pytest.mark.parametrize("mode", ["batch", "incremental"])
@@ -45,11 +45,7 @@ def test_reference_tells_orders_apart(tiny):
 
 
 def test_no_order_is_the_file_order(tiny):
-    model = RawModel(tiny.path)
-    try:
-        got = run(model, SEQS, "batch")
-    finally:
-        model.close()
+    got = raw_logits(tiny.path, SEQS)
     for seq, logits in zip(SEQS, got):
         np.testing.assert_allclose(logits, reference_logits(tiny, seq), rtol=1e-4, atol=1e-4)
 
@@ -59,20 +55,14 @@ def test_gguf_array_order(tmp_path):
     from tiny_model import write_tiny_llama
 
     tm = write_tiny_llama(tmp_path / "ordered.gguf", n_layer=4, seed=1, layer_order=[3, 3, 0])
-    model = RawModel(tm.path)
-    try:
+    with RawModel(tm.path) as model:
         assert model.n_layer() == 3
         logits = run(model, SEQS[:1], "batch")[0]
         np.testing.assert_allclose(logits, reference_logits(tm, SEQS[0], layer_order=[3, 3, 0]), rtol=1e-4, atol=1e-4)
-    finally:
-        model.close()
-    model = RawModel(tm.path, kv_overrides=override_keys("llama", [1, 2]))
-    try:
+    with RawModel(tm.path, kv_overrides=override_keys("llama", [1, 2])) as model:
         assert model.n_layer() == 2
         logits = run(model, SEQS[:1], "batch")[0]
         np.testing.assert_allclose(logits, reference_logits(tm, SEQS[0], layer_order=[1, 2]), rtol=1e-4, atol=1e-4)
-    finally:
-        model.close()
 
 
 def test_shared_kv_would_be_detected(tiny):
@@ -82,11 +72,7 @@ def test_shared_kv_would_be_detected(tiny):
     from reference import shared_kv_decode_logits
 
     order = ORDERS["repeats"]
-    model = RawModel(tiny.path, kv_overrides=override_keys("llama", order))
-    try:
-        got = run(model, SEQS[:1], "incremental")[0]
-    finally:
-        model.close()
+    got = raw_logits(tiny.path, SEQS[:1], "incremental", kv_overrides=override_keys("llama", order))[0]
     per_position = reference_logits(tiny, SEQS[0], layer_order=order)
     shared = shared_kv_decode_logits(tiny, SEQS[0], order)
     np.testing.assert_allclose(got, per_position, rtol=1e-4, atol=1e-4)

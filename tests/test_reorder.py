@@ -1,43 +1,38 @@
 """Runtime re-order: a loaded model switches order without reloading its weights."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
 from frankenllama import Llama, _native
+from helpers import eval_scores, load
 
 A = "0-29,8-22"
 B = "0-9,20-29"
+TEXT = b"Frankenmerges stack layers of one model"
 
-
-def _scores(llm: Llama, text: bytes = b"Frankenmerges stack layers of one model") -> np.ndarray:
-    llm.reset()
-    tokens = llm.tokenize(text)
-    llm.eval(tokens)
-    return np.array(llm.scores[: len(tokens)])
-
-
-def _load(path: str, **kw) -> Llama:
-    return Llama(path, verbose=False, n_ctx=128, n_threads=2, logits_all=True, **kw)
+_load = functools.partial(load, n_ctx=128, n_threads=2, n_threads_batch=None, logits_all=True)
 
 
 def test_round_trip_equals_fresh_load(smollm2_path):
     fresh = _load(smollm2_path, layer_order=A)
-    want = _scores(fresh)
+    want = eval_scores(fresh, TEXT)
     fresh.close()
 
     llm = _load(smollm2_path)
-    base = _scores(llm)
+    base = eval_scores(llm, TEXT)
     llm.set_layer_order(A)
     assert llm.layer_order == fresh_order(A)
-    first = _scores(llm)
+    first = eval_scores(llm, TEXT)
     llm.set_layer_order(B)
     assert len(llm.layer_order) == 20
-    other = _scores(llm)
+    other = eval_scores(llm, TEXT)
     llm.set_layer_order(A)
-    again = _scores(llm)
+    again = eval_scores(llm, TEXT)
     llm.set_layer_order(None)
-    restored = _scores(llm)
+    restored = eval_scores(llm, TEXT)
     llm.close()
 
     assert np.array_equal(first, want)
@@ -72,11 +67,11 @@ def test_layers_not_loaded_cannot_run(tiny):
 
 def test_invalid_order_leaves_model_intact(tiny):
     llm = Llama(str(tiny.path), verbose=False, n_ctx=64, logits_all=True)
-    before = _scores(llm, b"abc")
+    before = eval_scores(llm, b"abc")
     with pytest.raises(ValueError):
         llm.set_layer_order([0, 7])
     assert llm.layer_order == [0, 1, 2, 3]
-    assert np.array_equal(_scores(llm, b"abc"), before)
+    assert np.array_equal(eval_scores(llm, b"abc"), before)
     llm.close()
 
 
@@ -100,18 +95,18 @@ def test_c_api_error_codes(tiny):
 
 def test_two_models_with_different_orders_do_not_interfere(smollm2_path):
     alone_a = _load(smollm2_path, layer_order=A)
-    want_a = _scores(alone_a)
+    want_a = eval_scores(alone_a, TEXT)
     alone_a.close()
     alone_b = _load(smollm2_path, layer_order=B)
-    want_b = _scores(alone_b)
+    want_b = eval_scores(alone_b, TEXT)
     alone_b.close()
 
     a = _load(smollm2_path, layer_order=A)
     b = _load(smollm2_path, layer_order=B)
-    assert np.array_equal(_scores(a), want_a)
-    assert np.array_equal(_scores(b), want_b)
+    assert np.array_equal(eval_scores(a, TEXT), want_a)
+    assert np.array_equal(eval_scores(b, TEXT), want_b)
     b.set_layer_order("29-20,9-0")  # re-ordering b (within its loaded layers) leaves a alone
-    assert np.array_equal(_scores(a), want_a)
+    assert np.array_equal(eval_scores(a, TEXT), want_a)
     assert a.layer_order == fresh_order(A)
     a.close()
     b.close()

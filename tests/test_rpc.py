@@ -8,47 +8,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from frankenllama.rpc import rpc_server_path
+from helpers import free_port, start_rpc_server
 
 TESTS = Path(__file__).resolve().parent
 ORDER = "0-29,8-22"      # 1.5x self-merge of SmolLM2 (45 positions)
 PRUNED = "0-19,25-29"    # 5 weight layers left out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server() -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen([str(rpc_server_path()), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("rpc-server did not start listening within 20 s")
-
-
 @pytest.fixture(scope="module")
 def servers() -> Iterator[list[str]]:
-    started = [_start_server() for _ in range(2)]
-    yield [endpoint for _, endpoint in started]
+    started = [start_rpc_server() for _ in range(2)]
+    yield [f"127.0.0.1:{port}" for _, port in started]
     for proc, _ in started:
         proc.kill()
         proc.wait(timeout=10)
@@ -100,7 +77,7 @@ def test_pruned_layers_are_not_uploaded(smollm2_path, servers):
 
 
 def test_unreachable_server_is_a_python_error(smollm2_path):
-    rep = _report(_child("unreachable", smollm2_path, f"127.0.0.1:{_free_port()}"))
+    rep = _report(_child("unreachable", smollm2_path, f"127.0.0.1:{free_port()}"))
     assert rep["error"] == "ConnectionError"
     assert "does not answer" in rep["message"]
     assert rep["alive"]
@@ -132,7 +109,7 @@ def test_registrations_that_used_to_hang_return(smollm2_path):
 
 
 def test_bad_endpoints_and_no_socket_leak(smollm2_path):
-    rep = _report(_child("registrations", smollm2_path, f"127.0.0.1:{_free_port()}"))
+    rep = _report(_child("registrations", smollm2_path, f"127.0.0.1:{free_port()}"))
     errors = rep["errors"]
     assert errors["127.0.0.1:99999"].startswith("ValueError") and "1-65535" in errors["127.0.0.1:99999"]
     assert errors["127.0.0.1:0"].startswith("ValueError")
@@ -145,7 +122,7 @@ def test_bad_endpoints_and_no_socket_leak(smollm2_path):
 def test_cli_rpc_unreachable_is_one_line_error(tiny, capsys):
     from frankenllama.cli import main
 
-    rc = main(["run", "-m", str(tiny.path), "-p", "hi", "-n", "1", "-ngl", "99", "--rpc", f"127.0.0.1:{_free_port()}"])
+    rc = main(["run", "-m", str(tiny.path), "-p", "hi", "-n", "1", "-ngl", "99", "--rpc", f"127.0.0.1:{free_port()}"])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.strip().splitlines()[-1].startswith("frankenllama: error: RPC server")

@@ -9,14 +9,13 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
-from llama_cpp import LlamaDiskCache, LlamaRAMCache
+from llama_cpp import LlamaRAMCache
 
 from frankenllama import GenerationInterruptedError, LayerOrderChangedError, Llama, StateMismatchError
+from helpers import load
 from tiny_model import write_tiny_llama
 
 PROMPT = "The capital of France is"
@@ -24,7 +23,7 @@ OTHER = "0-29,10-20"  # a 41-position order of SmolLM2
 
 
 def _smol(path: str, order: object = None, **kw) -> Llama:
-    return Llama(path, layer_order=order, **{"verbose": False, "n_ctx": 256, "n_threads": 2, **kw})
+    return load(path, layer_order=order, **{"n_ctx": 256, "n_threads": 2, "n_threads_batch": None, **kw})
 
 
 def _complete(llm: Llama, prompt: str = PROMPT, n: int = 8) -> str:

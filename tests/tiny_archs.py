@@ -25,7 +25,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tiny_model import add_tokenizer
+from tiny_model import add_tokenizer, write_gguf
 
 ARCHS = ("qwen2", "qwen3", "gemma2", "phi3", "mamba", "jamba")
 #: an architecture whose non-identity orders the patched llama.cpp refuses
@@ -222,9 +222,6 @@ def write_tiny(arch: str, path: str | Path, n_layer: int = 4, seed: int = 0) -> 
 
     for name, arr in t.items():
         w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(w)
     return path
 

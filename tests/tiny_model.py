@@ -117,6 +117,14 @@ def add_tokenizer(w: gguf.GGUFWriter, n_vocab: int) -> None:
     w.add_add_space_prefix(False)
 
 
+def write_gguf(w: gguf.GGUFWriter) -> None:
+    """Write out what was added to ``w`` (header, metadata, tensors) and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def write_tiny_llama(
     path: str | Path,
     *,
@@ -216,10 +224,7 @@ def write_tiny_llama(
     w.add_tensor("output_norm.weight", output_norm)
     w.add_tensor("output.weight", output)
 
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(w)
 
     return TinyModel(
         path=path, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
@@ -251,8 +256,5 @@ def rewrite_gguf(src: Path, dst: Path, *, arch: str | None = None, drop: tuple[s
         writer.add_key_value(key, value, vtype, sub_type=sub)
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, np.array(tensor.data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
     return dst

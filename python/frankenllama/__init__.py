@@ -12,12 +12,12 @@ from . import _native
 
 _native.bind()
 
-from ._native import LAYER_ORDER_VERSION, LLAMA_CPP_COMMIT, native_library_path  # noqa: E402
+from ._native import LAYER_ORDER_VERSION, native_library_path  # noqa: E402
+from ._version import LLAMA_CPP_COMMIT, __version__  # noqa: E402
 from .llama import GenerationInterruptedError, LayerOrderChangedError, Llama, StateMismatchError  # noqa: E402
 from .order import LayerOrderError  # noqa: E402
 from .state_cache import OrderKeyedCache  # noqa: E402
 
-__version__ = "0.1.0"
 __llama_cpp_commit__ = LLAMA_CPP_COMMIT
 
 __all__ = ["Llama", "LayerOrderError", "StateMismatchError", "LayerOrderChangedError", "GenerationInterruptedError", "OrderKeyedCache", "native_library_path", "LAYER_ORDER_VERSION", "__version__", "__llama_cpp_commit__"]

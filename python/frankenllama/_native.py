@@ -6,7 +6,8 @@
 is the patched one: a stock library silently ignores the ``<arch>.layer_order`` override.
 
 The few C functions the patch adds are bound with cffi (ABI mode) on the same library file;
-everything else goes through ``llama_cpp``.
+everything else goes through ``llama_cpp``.  :func:`open_native_library` opens the other packaged
+libraries (ggml's GGUF reader, the RPC backend) by name.
 """
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from typing import Any, Iterator
 
 import cffi
 
-#: upstream llama.cpp commit of the pinned source (vendored by llama-cpp-python 0.3.36)
-LLAMA_CPP_COMMIT = "0c1e57098"
 #: LLAMA_LAYER_ORDER_VERSION this package expects from the library
 LAYER_ORDER_VERSION = "1"
 
@@ -46,16 +45,43 @@ const char * llama_layer_order_version(void);
 """
 
 
+#: file name of a packaged library per platform, from its CMake target name (``llama``, ``ggml``,
+#: ``ggml-base``): one unversioned file each (CMakeLists.txt); ``lib{}.so`` elsewhere
+_LIBRARY_FILE_NAME = {"win32": "{}.dll", "darwin": "lib{}.dylib"}
+
+
 def native_library_dir() -> Path:
     """The folder holding frankenllama's libllama and ggml libraries."""
     override = os.environ.get(_LIB_DIR_ENV)
     return Path(override).resolve() if override else Path(__file__).resolve().parent / "lib"
 
 
+def native_library_file(name: str) -> Path:
+    """Path of the packaged library ``name`` (``llama``, ``ggml``, ``ggml-base``, ...)."""
+    return native_library_dir() / _LIBRARY_FILE_NAME.get(sys.platform, "lib{}.so").format(name)
+
+
 def native_library_path() -> Path:
     """Path of the patched libllama that ``llama_cpp`` uses."""
-    names = {"win32": "llama.dll", "darwin": "libllama.dylib"}
-    return native_library_dir() / names.get(sys.platform, "libllama.so")
+    return native_library_file("llama")
+
+
+def _dlopen(path: Path | str, cdef: str) -> tuple[cffi.FFI, Any]:
+    ffi = cffi.FFI()
+    ffi.cdef(cdef)
+    return ffi, ffi.dlopen(str(path))
+
+
+@lru_cache(maxsize=None)
+def open_native_library(name: str, cdef: str) -> tuple[cffi.FFI, Any]:
+    """A cffi handle (ABI mode, ``cdef`` declared) on the packaged library ``name``, opened once.
+
+    Raises ImportError when the library is missing.
+    """
+    path = native_library_file(name)
+    if not path.is_file():
+        raise ImportError(f"{path.name} not found in {path.parent}: reinstall frankenllama")
+    return _dlopen(path, cdef)
 
 
 def _loaded_library_path(llama_cpp_module: Any) -> str:
@@ -112,11 +138,9 @@ def check_patched(lib: ctypes.CDLL, name: str) -> None:
 @lru_cache(maxsize=None)
 def ffi_lib() -> tuple[cffi.FFI, Any]:
     """The cffi handle on the patched library (the same file ``llama_cpp`` loaded)."""
-    ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
     import llama_cpp.llama_cpp as llama_cpp_module
 
-    return ffi, ffi.dlopen(_loaded_library_path(llama_cpp_module))
+    return _dlopen(_loaded_library_path(llama_cpp_module), _CDEF)
 
 
 def model_ptr(model: Any) -> Any:

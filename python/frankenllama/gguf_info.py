@@ -10,8 +10,9 @@ the whole process in an assert instead of failing the load (a block count of 0 o
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import cffi
 
-from ._native import native_library_dir
+from ._native import open_native_library
 from .order import MAX_LAYERS, check_kv_overrides
 
 __all__ = ["GGUFInfo", "check_header", "read_gguf_info"]
@@ -53,14 +54,8 @@ class GGUFInfo:
     n_layer_nextn: int  # nextn/MTP blocks, which stay last whatever the order
 
 
-@lru_cache(maxsize=None)
 def _ggml_base() -> tuple[cffi.FFI, Any]:
-    ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
-    names = [p for p in native_library_dir().glob("*ggml-base*") if p.suffix in (".so", ".dylib", ".dll")]
-    if not names:
-        raise ImportError(f"libggml-base not found in {native_library_dir()}: reinstall frankenllama")
-    return ffi, ffi.dlopen(str(sorted(names)[0]))
+    return open_native_library("ggml-base", _CDEF)
 
 
 def _int(ffi: Any, lib: Any, ctx: Any, key: str) -> int | None:
@@ -72,23 +67,32 @@ def _int(ffi: Any, lib: Any, ctx: Any, key: str) -> int | None:
     return None if getter is None else int(getter(ctx, kid))
 
 
-def _read_header(path: Path) -> tuple[str, int | None, int | None]:
-    """``general.architecture``, ``<arch>.block_count`` and ``<arch>.nextn_predict_layers`` of a
-    GGUF file (None for a missing or non-integer key); ValueError for a file ggml cannot read."""
+@contextlib.contextmanager
+def _gguf_header(path: Path) -> Iterator[Any]:
+    """ggml's context on the header of a GGUF file, freed after the block; ValueError for a file
+    ggml cannot read."""
     ffi, lib = _ggml_base()
     params = ffi.new("struct gguf_init_params *", {"no_alloc": True, "ctx": ffi.NULL})
     ctx = lib.gguf_init_from_file(str(path).encode(), params[0])
     if ctx == ffi.NULL:
         raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt header)")
     try:
+        yield ctx
+    finally:
+        lib.gguf_free(ctx)
+
+
+def _read_header(path: Path) -> tuple[str, int | None, int | None]:
+    """``general.architecture``, ``<arch>.block_count`` and ``<arch>.nextn_predict_layers`` of a
+    GGUF file (None for a missing or non-integer key); ValueError for a file ggml cannot read."""
+    ffi, lib = _ggml_base()
+    with _gguf_header(path) as ctx:
         kid = lib.gguf_find_key(ctx, b"general.architecture")
         if kid < 0 or lib.gguf_get_kv_type(ctx, kid) != _STRING:
             raise ValueError(f"{path} has no general.architecture: not a llama.cpp model")
         arch = ffi.string(lib.gguf_get_val_str(ctx, kid)).decode()
         return (arch, _int(ffi, lib, ctx, f"{arch}.block_count"),
                 _int(ffi, lib, ctx, f"{arch}.nextn_predict_layers"))
-    finally:
-        lib.gguf_free(ctx)
 
 
 def _effective(path: Path, key: str, stored: int | None,
@@ -175,11 +179,7 @@ def read_stored_order(path: str | Path) -> list[int] | None:
     arch = info.arch
     ffi, lib = _ggml_base()
     _bind_array_api(ffi)
-    params = ffi.new("struct gguf_init_params *", {"no_alloc": True, "ctx": ffi.NULL})
-    ctx = lib.gguf_init_from_file(str(path).encode(), params[0])
-    if ctx == ffi.NULL:
-        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt header)")
-    try:
+    with _gguf_header(path) as ctx:
         kid = lib.gguf_find_key(ctx, f"{arch}.layer_order".encode())
         if kid >= 0 and lib.gguf_get_kv_type(ctx, kid) == _STRING:
             return parse_spec(ffi.string(lib.gguf_get_val_str(ctx, kid)).decode(), info.n_layer)
@@ -188,8 +188,6 @@ def read_stored_order(path: str | Path) -> list[int] | None:
         n = lib.gguf_get_arr_n(ctx, kid)
         data = ffi.cast("const int32_t *", lib.gguf_get_arr_data(ctx, kid))
         return [int(data[i]) for i in range(n)]
-    finally:
-        lib.gguf_free(ctx)
 
 
 @lru_cache(maxsize=None)

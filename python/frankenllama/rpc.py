@@ -23,13 +23,12 @@ import os
 import re
 import socket
 import sys
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
 import cffi
 
-from ._native import native_library_dir
+from ._native import native_library_dir, open_native_library
 
 _CDEF = """
 typedef struct ggml_backend_reg * ggml_backend_reg_t;
@@ -47,12 +46,8 @@ _registered: dict[str, list[str]] = {}  # endpoint -> device names
 _addresses: dict[tuple[str, int], str] = {}  # (IPv4 address, port) -> the endpoint registered for it
 
 
-@lru_cache(maxsize=None)
 def _ggml() -> tuple[cffi.FFI, Any]:
-    ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
-    names = {"darwin": "libggml.dylib", "win32": "ggml.dll"}
-    return ffi, ffi.dlopen(str(native_library_dir() / names.get(sys.platform, "libggml.so")))
+    return open_native_library("ggml", _CDEF)
 
 
 def _address(endpoint: str) -> tuple[str, int]:
