@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -220,6 +221,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write every raw number here (JSON)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     model = smollm2_path()
     load = os.getloadavg()[0]
     start = time.time()
