@@ -222,7 +222,7 @@ def test_embeddings_match_direct_calls(modes, direct):
 # --------------------------------------------------------------------------- errors
 
 
-def test_unknown_alias_is_404(modes):
+def test_unknown_alias_is_404(modes, direct):
     client = modes.client()
     with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
@@ -231,6 +231,9 @@ def test_unknown_alias_is_404(modes):
         client.chat.completions.create(model="nope", messages=CHAT, max_tokens=2, stream=True)
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="nope", input="x")
+    assert modes.http("POST", "/extras/tokenize", {"model": "nope", "input": "x"})[0] == 404
+    assert modes.http("POST", "/extras/tokenize", {"model": "rys", "input": PROMPT}) == \
+        (200, {"tokens": direct(RYS).tokenize(PROMPT.encode(), add_bos=True, special=True)})
     assert modes.http("GET", "/v1/models/nope/layer_order")[0] == 404
     assert modes.http("PUT", "/v1/models/nope/layer_order", {"layer_order": "0-3"})[0] == 404
 

@@ -430,6 +430,9 @@ def create_app(settings: Optional[Settings] = None, server_settings: Optional[Se
     app.include_router(upstream.router, dependencies=[Depends(_known_model)])
     app.router.routes = [r for r in app.router.routes  # ours lists the orders
                          if not (isinstance(r, APIRoute) and r.endpoint is upstream.get_models)]
+    if upstream._llama_proxy is not None:  # an earlier app of this process: its models go first
+        upstream._llama_proxy.free()
+        upstream._llama_proxy = None
     upstream._llama_proxy = LlamaProxy(models=model_settings)
     if server_settings.disable_ping_events:
         upstream.set_ping_message_factory(lambda: bytes())
