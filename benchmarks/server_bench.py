@@ -13,6 +13,10 @@ settings on every side, so all generate the same tokens (checked); tok/s = compl
 wall time of the call (client included).  Each figure is the median over repetitions of the
 per-repetition ratio HTTP / direct, streamed against streamed (goal >= 0.9x).
 
+``--stock`` measures stock llama-cpp-python the same way (``python -m llama_cpp.server`` and
+``llama_cpp.Llama`` on the unpatched library of the same source, ``scripts/build_stock.py``), in a
+child process: the reference for what HTTP costs without frankenllama.
+
 Memory.  Three servers in turn on a private copy of the model file (no other process maps it),
 each after one request to every alias (every weight page touched): one alias; two aliases (the file's order and ``0-20,12-29``) with the default
 ``use_mmap``; the same two with ``use_mmap=false``.  From ``/proc/PID/smaps_rollup`` of the server:
@@ -43,10 +47,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "python"))  # a source checkout without `pip install .`
-
-import frankenllama  # noqa: E402  (binds the patched library first)
-from frankenllama import Llama  # noqa: E402
+PACKAGE_ROOT = HERE.parent / "python"  # this checkout's frankenllama, installed or not
+sys.path.insert(0, str(PACKAGE_ROOT))
 
 PROMPT = "Once upon a time, in a village at the edge of a great forest,"
 RYS = "0-20,12-29"
@@ -61,17 +63,18 @@ def smollm2_path() -> str:
 
 
 class Server:
-    """A ``python -m frankenllama.server --config_file`` process; ``stop()`` ends it."""
+    """A ``python -m frankenllama.server --config_file`` process (or ``llama_cpp.server``); ``stop()``
+    ends it."""
 
-    def __init__(self, config: dict[str, Any], folder: Path) -> None:
+    def __init__(self, config: dict[str, Any], folder: Path, module: str = "frankenllama.server") -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps({"host": "127.0.0.1", "port": 0, **config}))
         self.log = folder / "server.log"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(Path(frankenllama.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
+            p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "frankenllama.server", "--config_file",
-                                          str(folder / "config.json")], stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen([sys.executable, "-m", module, "--config_file", str(folder / "config.json")],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and self.proc.poll() is None:
             match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", self.log.read_text(errors="replace"))
@@ -123,9 +126,16 @@ def timed(call: Callable[[], tuple[str, int]]) -> tuple[float, str, int]:
     return time.perf_counter() - start, text, tokens
 
 
-def bench_speed(model: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+def bench_speed(model: str, args: argparse.Namespace, folder: Path, stock: bool = False) -> dict[str, Any]:
+    """HTTP vs direct tok/s; ``stock``: llama_cpp.server and llama_cpp.Llama instead (run this
+    in a process bound to the unpatched library)."""
+    if stock:
+        from llama_cpp import Llama
+    else:
+        from frankenllama import Llama
     settings = dict(n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-    server = Server({"models": [dict(model=model, model_alias="smol", **settings)]}, folder / "speed")
+    server = Server({"models": [dict(model=model, model_alias="smol", **settings)]}, folder / "speed",
+                    "llama_cpp.server" if stock else "frankenllama.server")
     llm = Llama(model, logits_all=True, **settings)  # llama_cpp.server's default logits_all=True
     client = server.client()
     request = dict(prompt=PROMPT, max_tokens=args.n_gen, temperature=0)
@@ -201,14 +211,35 @@ def bench_memory(model: str, args: argparse.Namespace, folder: Path) -> dict[str
     return results
 
 
-def table(speed: dict[str, Any], memory: dict[str, Any], model_mib: float) -> str:
-    rows = ["| Measure | HTTP | direct `Llama` | ratio | goal |", "|---|---:|---:|---|---|"]
-    for name, ref, label in (("http", "direct", "completion, one response"),
-                             ("http_stream", "direct_stream", "completion, streamed (SSE / `stream=True`)")):
-        ratio = speed["ratio"][name]
-        rows.append(f"| generation tok/s, {label}, {speed['tokens']} greedy tokens | {speed['tok_s'][name]:.1f} | "
-                    f"{speed['tok_s'][ref]:.1f} | {ratio:.3f}× | ≥ 0.9× {'yes' if ratio >= 0.9 else '**no**'} |")
-    rows.append(f"| same tokens on every side and repetition | | | {'yes' if speed['same_text'] else '**no**'} | |")
+def bench_stock(model: str, args: argparse.Namespace) -> dict[str, Any]:
+    """bench_speed for stock llama-cpp-python, in a child process bound to the unpatched library."""
+    sys.path.insert(0, str(HERE.parent / "scripts"))
+    import build_stock
+
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(build_stock.build())}
+    env.pop("FRANKENLLAMA_LIB_DIR", None)
+    argv = [sys.executable, __file__, "--side", "stock", "--reps", str(args.reps), "--n-gen", str(args.n_gen),
+            "--threads", str(args.threads)] + (["-q"] if args.quiet else [])
+    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"the stock run failed (status {proc.returncode})")
+    lines = proc.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]), flush=True)
+    return json.loads(lines[-1])
+
+
+def table(speed: dict[str, Any], memory: dict[str, Any], model_mib: float, stock: dict[str, Any] | None) -> str:
+    rows = ["| Server | Measure | HTTP | direct `Llama` | ratio | goal |", "|---|---|---:|---:|---|---|"]
+    for who, result in (("`frankenllama serve`", speed), ("stock `llama_cpp.server`, unpatched library", stock)):
+        if result is None:
+            continue
+        for name, ref, label in (("http", "direct", "one response"), ("http_stream", "direct_stream", "streamed")):
+            ratio = result["ratio"][name]
+            goal = f"≥ 0.9× {'yes' if ratio >= 0.9 else '**no**'}" if result is speed else "(reference)"
+            rows.append(f"| {who} | generation tok/s, {label}, {result['tokens']} greedy tokens | "
+                        f"{result['tok_s'][name]:.1f} | {result['tok_s'][ref]:.1f} | {ratio:.3f}× | {goal} |")
+        rows.append(f"| {who} | same tokens on every side and repetition | | | "
+                    f"{'yes' if result['same_text'] else '**no**'} | |")
     rows += ["", f"Server memory after a request to every alias (SmolLM2-135M Q4_1 file: {model_mib:.1f} MiB):", "",
              "| Server | RSS MiB | PSS MiB | anonymous MiB | model file: mappings | its RSS MiB | its PSS MiB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -228,16 +259,30 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=10, help="repetitions (default 10)")
     parser.add_argument("--n-gen", type=int, default=64, help="greedy tokens per request (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--stock", action="store_true",
+                        help="also measure stock llama-cpp-python (llama_cpp.server and llama_cpp.Llama) on the "
+                             "unpatched library of the same source (scripts/build_stock.py, built once)")
     parser.add_argument("--out", type=Path, help="write every raw number here (JSON)")
     parser.add_argument("-q", "--quiet", action="store_true")
+    parser.add_argument("--side", choices=["stock"], help=argparse.SUPPRESS)  # the --stock child
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     model = smollm2_path()
+    if args.side == "stock":
+        with tempfile.TemporaryDirectory(prefix="server-bench-stock-") as tmp:
+            print(json.dumps(bench_speed(model, args, Path(tmp), stock=True)))
+        return 0
+    import frankenllama  # noqa: F401  (binds the patched library in this process)
+
     load = os.getloadavg()[0]
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="server-bench-") as tmp:
         print("speed: HTTP vs direct", flush=True)
         speed = bench_speed(model, args, Path(tmp))
+        stock = None
+        if args.stock:
+            print("speed: stock llama-cpp-python, HTTP vs direct", flush=True)
+            stock = bench_stock(model, args)
         print("memory: one alias vs two", flush=True)
         memory = bench_memory(model, args, Path(tmp))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -246,9 +291,9 @@ def main() -> int:
               f"({os.cpu_count()} CPUs, load avg at start {load:.2f}, end {os.getloadavg()[0]:.2f}) · "
               f"SmolLM2-135M Q4_1, CPU, {args.threads} threads, n_ctx 512 · {args.reps} repetitions · "
               f"{(time.time() - start) / 60:.1f} min")
-    print("\n" + header + "\n\n" + table(speed, memory, Path(model).stat().st_size / MiB))
+    print("\n" + header + "\n\n" + table(speed, memory, Path(model).stat().st_size / MiB, stock))
     if args.out:
-        args.out.write_text(json.dumps({"header": header, "speed": speed, "memory": memory}, indent=1))
+        args.out.write_text(json.dumps({"header": header, "speed": speed, "stock": stock, "memory": memory}, indent=1))
     return 0
 
 
