@@ -20,12 +20,14 @@ Run it with ``frankenllama serve --model M.gguf --layer_order 0-20,12-29`` or
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import llama_cpp
 
@@ -35,6 +37,7 @@ from ..order import LayerOrderError, format_spec, parse_spec
 from ..recipes import from_exl3_spec, resolve
 
 try:
+    import anyio
     import llama_cpp.server.app as upstream
     import llama_cpp.server.model as upstream_model
     import llama_cpp.server.settings as upstream_settings
@@ -46,7 +49,6 @@ try:
     from fastapi.routing import APIRoute
     from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
     from pydantic import BaseModel, Field
-    from starlette.concurrency import run_in_threadpool
     from starlette_context.middleware import RawContextMiddleware
     from starlette_context.plugins import RequestIdPlugin
 except ImportError as err:  # pragma: no cover - depends on the environment
@@ -63,6 +65,7 @@ LAYER_ORDER_HELP = (
     "Blocks .txt recipe. Unset: the file's own order. Give orders here, not as kv_overrides "
     "(llama_cpp.server splits those on '=' and ':').")
 
+T = TypeVar("T")
 ServerSettings = upstream_settings.ServerSettings
 
 
@@ -304,6 +307,51 @@ class LlamaProxy(upstream_model.LlamaProxy):
         self._current_model = None
 
 
+# --------------------------------------------------------------------------- one thread for the models
+
+
+class _ModelThread:
+    """Runs every call into a model on one thread, in place of starlette's ``run_in_threadpool``
+    and ``iterate_in_threadpool`` in llama_cpp.server's routes.
+
+    llama_cpp.server hands each call, and each token of a stream, to whichever thread of the pool
+    is free.  llama.cpp's CPU backend (OpenMP) keeps a team of worker threads for each thread that
+    decodes, so decoding from changing threads starts more teams that compete for the cores: on 2
+    cores it cost a third of the streamed tokens/s (benchmarks/server_bench.py).  llama_cpp.server's
+    locks serialize the requests anyway, so one thread loses nothing.  As with
+    ``anyio.to_thread.run_sync``, a cancelled caller still waits for its call to end.
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="frankenllama-model")
+
+    async def run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        future = asyncio.wrap_future(self._executor.submit(func, *args, **kwargs))
+        with anyio.CancelScope(shield=True):
+            return await future
+
+    async def iterate(self, iterator: Iterator[T]) -> AsyncIterator[T]:
+        while True:
+            try:
+                yield await self.run(_next_or_stop, iterator)
+            except _Exhausted:
+                return
+
+
+class _Exhausted(Exception):
+    """StopIteration can't travel through a future."""
+
+
+def _next_or_stop(iterator: Iterator[T]) -> T:
+    try:
+        return next(iterator)
+    except StopIteration:
+        raise _Exhausted from None
+
+
+_model_thread = _ModelThread()
+
+
 # --------------------------------------------------------------------------- routes
 
 
@@ -359,7 +407,7 @@ async def _known_model(request: Request, _auth: Any = Depends(upstream.authentic
     alias = proxy.alias(model if isinstance(model, str) else None)
     if not proxy.is_loaded(alias):
         async with _between_requests() as locked:
-            await run_in_threadpool(locked, alias)
+            await _model_thread.run(locked, alias)
 
 
 router = APIRouter(dependencies=[Depends(upstream.authenticate)], tags=["frankenllama"])
@@ -392,7 +440,7 @@ async def put_layer_order(model: str, body: LayerOrder) -> LayerOrder:
     _proxy().alias(model)  # 404 before waiting for the running request
     order = _inline_order(body.layer_order)
     async with _between_requests() as proxy:
-        spec = await run_in_threadpool(proxy.set_layer_order, model, order)
+        spec = await _model_thread.run(proxy.set_layer_order, model, order)
     return LayerOrder(layer_order=spec)
 
 
@@ -420,6 +468,8 @@ def create_app(settings: Optional[Settings] = None, server_settings: Optional[Se
                       for m in model_settings]
 
     upstream.set_server_settings(server_settings)
+    upstream.run_in_threadpool = _model_thread.run  # the routes look these names up at each call
+    upstream.iterate_in_threadpool = _model_thread.iterate
     app = FastAPI(middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))],
                   title="frankenllama (llama.cpp Python API)", version=llama_cpp.__version__,
                   root_path=server_settings.root_path)
