@@ -32,8 +32,9 @@ PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name a colour."}]
 # llama_cpp.server's defaults for what the client doesn't send (direct calls must pass them)
 SAMPLING = dict(temperature=0.0, repeat_penalty=1.1)
-# the settings of every alias, passed to the direct models too
-MODEL_SETTINGS = dict(n_ctx=256, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False)
+# the settings of every alias, passed to the direct models too; one thread: ggml's threads spin at
+# barriers, and a machine busy with other work can then slow 2-thread decoding tenfold
+MODEL_SETTINGS = dict(n_ctx=256, n_threads=1, n_threads_batch=1, logits_all=True, verbose=False)
 START_TIMEOUT = 120
 PACKAGE_ROOT = str(Path(frankenllama.__file__).resolve().parents[1])
 

@@ -1,7 +1,7 @@
 """``frankenllama serve``: llama-cpp-python's OpenAI-compatible server, running frankenllama.Llama.
 
 This is ``python -m llama_cpp.server`` -- its FastAPI routes, settings and command line -- with
-three changes:
+these changes:
 
 - every model is a :class:`frankenllama.Llama` with the ``layer_order`` setting
   (``--layer_order``, or ``layer_order:`` per model in a ``--config_file``);
@@ -12,7 +12,9 @@ three changes:
   (llama_cpp.server silently answers with the default model instead);
 - ``GET``/``PUT /v1/models/{alias}/layer_order`` read and change an alias's order while the server
   runs, and ``/v1/models`` lists each alias's order.  A ``PUT`` takes the two locks every
-  llama_cpp.server request holds, so it lands between requests, never in the middle of one.
+  llama_cpp.server request holds, so it lands between requests, never in the middle of one;
+- every call into a model runs on one thread (:class:`_ModelThread`), which keeps llama.cpp's
+  OpenMP worker threads from multiplying.
 
 Run it with ``frankenllama serve --model M.gguf --layer_order 0-20,12-29`` or
 ``python -m frankenllama.server --config_file modes.yaml``; needs ``pip install "frankenllama[server]"``.
