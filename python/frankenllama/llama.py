@@ -423,6 +423,7 @@ class Llama(llama_cpp.Llama):
         belongs to (``frankenllama_model``), so that another model refuses it."""
         with self._lock:
             self._check_open()
+            self._check_rpc("saving the state")  # a dead server's buffers would be saved as zeros
             state = super().save_state()
             state.frankenllama_model = self._identity()
             return state
