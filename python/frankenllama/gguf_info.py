@@ -14,7 +14,6 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -160,36 +159,3 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     return check_header(path)
-
-
-_ARRAY_CDEF = """
-size_t       gguf_get_arr_n(const struct gguf_context * ctx, int64_t key_id);
-int          gguf_get_arr_type(const struct gguf_context * ctx, int64_t key_id);
-const void * gguf_get_arr_data(const struct gguf_context * ctx, int64_t key_id);
-"""
-_ARRAY = 9
-
-
-def read_stored_order(path: str | Path) -> list[int] | None:
-    """The layer order a GGUF file stores (``<arch>.layer_order``: an int32 array or a spec
-    string), or None when it stores none."""
-    from .order import parse_spec
-
-    info = read_gguf_info(path)
-    arch = info.arch
-    ffi, lib = _ggml_base()
-    _bind_array_api(ffi)
-    with _gguf_header(path) as ctx:
-        kid = lib.gguf_find_key(ctx, f"{arch}.layer_order".encode())
-        if kid >= 0 and lib.gguf_get_kv_type(ctx, kid) == _STRING:
-            return parse_spec(ffi.string(lib.gguf_get_val_str(ctx, kid)).decode(), info.n_layer)
-        if kid < 0 or lib.gguf_get_kv_type(ctx, kid) != _ARRAY or lib.gguf_get_arr_type(ctx, kid) != _INT32:
-            return None
-        n = lib.gguf_get_arr_n(ctx, kid)
-        data = ffi.cast("const int32_t *", lib.gguf_get_arr_data(ctx, kid))
-        return [int(data[i]) for i in range(n)]
-
-
-@lru_cache(maxsize=None)
-def _bind_array_api(ffi: cffi.FFI) -> None:
-    ffi.cdef(_ARRAY_CDEF)

@@ -714,6 +714,13 @@ def _check_output(out_path: Path, inputs: Sequence[Path]) -> None:
 
 # ------------------------------------------------------------------------------ the tools
 
+def file_layer_order(model_path: str | Path) -> list[int]:
+    """The order a model file runs by itself: the one it stores (``<arch>.layer_order``), else
+    every weight layer once, in file order."""
+    model = ModelFile(model_path)
+    return model.stored_order() or list(range(model.n_layer))
+
+
 def materialize(model_path: str | Path, layer_order: Recipe, out_path: str | Path, *, progress: bool = True) -> list[int]:
     """Write ``model_path`` with its blocks in ``layer_order`` to ``out_path`` as a standalone GGUF.
 

@@ -33,7 +33,8 @@ import numpy as np
 from llama_cpp.llama import LlamaState
 
 from . import _native
-from .gguf_info import check_header, read_stored_order
+from .gguf_info import check_header
+from .gguf_tools import file_layer_order
 from .order import format_spec, override_keys
 from .recipes import Recipe, resolve
 from . import rpc
@@ -108,6 +109,7 @@ class Llama(llama_cpp.Llama):
         self._rpc_timeout = rpc_timeout
         self._rpc_failures: dict[str, int] = {}
         self._rpc_used: list[str] = []  # endpoints holding this model's layers
+        self._file_order: list[int] | None = None
         self._user_kv_overrides = kwargs.get("kv_overrides")
         # before llama.cpp sees the file: a block count it would assert on, a misspelled order override
         info = check_header(model_path, kwargs.get("kv_overrides"))
@@ -148,6 +150,7 @@ class Llama(llama_cpp.Llama):
                     f"running {format_spec(applied)}): is LLAMA_CPP_LIB_PATH pointing at a stock llama.cpp?"
                 )
         self._state_prefix = self._read_state_prefix()
+        self._model_identity = self._read_identity()  # the file as loaded, and the settings
         # llama.cpp spreads offloaded layers and the output layer over every registered device: a
         # model that offloads anything may depend on any server
         self._rpc_used = list(self._rpc_failures) if self.model_params.n_gpu_layers != 0 else []
@@ -174,8 +177,9 @@ class Llama(llama_cpp.Llama):
     def file_layer_order(self) -> list[int]:
         """The order the file itself runs: the order it stores (``<arch>.layer_order``), else every
         weight layer once, in file order."""
-        stored = read_stored_order(self.model_path)
-        return stored if stored is not None else list(range(self.n_weight_layers))
+        if self._file_order is None:  # read once: the header is the one this model was loaded from
+            self._file_order = file_layer_order(self.model_path)
+        return list(self._file_order)
 
     def layer_devices(self) -> list[str]:
         """Name of the device of each execution position: where its weights live and where its K/V
@@ -402,7 +406,7 @@ class Llama(llama_cpp.Llama):
         arch_len = int.from_bytes(data[:4], "little")
         return data[:4 + arch_len + 8]
 
-    def _identity(self) -> str:
+    def _read_identity(self) -> str:
         """What, besides the order, a state's K/V depends on: the model file and the settings that
         change its K/V (LoRA, RoPE scaling, K/V types, other overrides)."""
         try:
@@ -425,7 +429,7 @@ class Llama(llama_cpp.Llama):
             self._check_open()
             self._check_rpc("saving the state")  # a dead server's buffers would be saved as zeros
             state = super().save_state()
-            state.frankenllama_model = self._identity()
+            state.frankenllama_model = self._model_identity
             return state
 
     def load_state(self, state: LlamaState) -> None:
@@ -472,7 +476,7 @@ class Llama(llama_cpp.Llama):
                     f"layer order {format_spec(self.layer_order)}. Restore it on a model with the order it "
                     "was saved under, or compute the prompt again")
         saved_for = getattr(state, "frankenllama_model", None)
-        if saved_for is not None and saved_for != self._identity():
+        if saved_for is not None and saved_for != self._model_identity:
             return ("this state was saved for another model file or other settings (LoRA, RoPE scaling, "
                     "K/V types, kv_overrides); restore it on the model it was saved with")
         if state.input_ids.shape != self.input_ids.shape or not 0 <= state.n_tokens <= len(self.input_ids):
@@ -499,7 +503,7 @@ class Llama(llama_cpp.Llama):
             value, self._cache_namespace, lambda state: self._state_problem(state) is None)
 
     def _cache_namespace(self) -> tuple[int, ...]:
-        return order_namespace(self._identity(), self.n_weight_layers, self.layer_order)
+        return order_namespace(self._model_identity, self.n_weight_layers, self.layer_order)
 
     # -- pickling ----------------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional,
 
 import llama_cpp
 
-from ..gguf_info import check_header, read_stored_order
+from ..gguf_info import check_header
+from ..gguf_tools import file_layer_order
 from ..llama import Llama
 from ..order import LayerOrderError, format_spec, parse_spec
 from ..recipes import from_exl3_spec, resolve
@@ -163,8 +164,7 @@ def _planned_order(settings: ModelSettings) -> str:
     if settings.hf_model_repo_id is not None:  # not downloaded yet: nothing to check against
         return settings.layer_order or "(the file's own order)"
     if settings.layer_order is None:
-        order = read_stored_order(settings.model) or range(check_header(settings.model).n_layer)
-        return format_spec(list(order))
+        return format_spec(file_layer_order(settings.model))
     return format_spec(resolve(settings.layer_order, check_header(settings.model).n_layer))
 
 
