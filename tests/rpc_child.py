@@ -6,15 +6,25 @@
     rpc_child.py server-dies MODEL
     rpc_child.py hangs MODEL
     rpc_child.py registrations MODEL UNUSED_ENDPOINT
+    rpc_child.py exit-with-dead-server MODEL
+    rpc_child.py dead-and-stopped MODEL
+    rpc_child.py malformed MODEL
+    rpc_child.py threads MODEL
+    rpc_child.py down-at-first-use MODEL
 """
 from __future__ import annotations
 
 import json
 import re
+import resource
+import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -163,7 +173,15 @@ def server_dies(model: str) -> dict:
     Llama(model, n_ctx=128, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=99, verbose=False).close()
     server.kill(); server.wait()
     report["idle_cpu"] = cpu_still_right()
-    report["idle_offload"] = _outcome(lambda: Llama(model, n_ctx=128, n_threads=1, n_gpu_layers=99, verbose=False))
+    report["idle_named"] = _outcome(lambda: Llama(model, n_ctx=128, n_threads=1, rpc_servers=f"127.0.0.1:{port}",
+                                                  n_gpu_layers=99, verbose=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm = Llama(model, n_ctx=256, n_threads=1, n_gpu_layers=99, verbose=False)  # every registered server
+    report["idle_unnamed_devices"] = sorted(set(llm.layer_devices()))
+    report["idle_unnamed_right"] = llm("Tell me a story", max_tokens=8, temperature=0.0)["choices"][0]["text"] == want
+    report["idle_unnamed_warnings"] = [str(w.message) for w in caught]
+    llm.close()
     return report
 
 
@@ -206,8 +224,12 @@ def registrations(model: str, endpoint: str) -> dict:
     from frankenllama.rpc import add_rpc_servers
 
     errors = {}
-    for bad in ("127.0.0.1:99999", "127.0.0.1:0", "nohost", "a b:1", "[::1]:5"):
+    for bad in ("127.0.0.1:99999", "127.0.0.1:0", "nohost", "a b:1", "[::1]:5", "127.0.0.1:5\n"):
         errors[bad] = _outcome(lambda: add_rpc_servers([bad]))
+    errors["timeout=-1"] = _outcome(lambda: add_rpc_servers([], timeout=-1))
+    errors["timeout=nan"] = _outcome(lambda: add_rpc_servers([], timeout=float("nan")))
+    add_rpc_servers([], timeout=0)
+    errors["timeout=0 sets"] = os.environ["GGML_RPC_TIMEOUT"]
     _outcome(lambda: add_rpc_servers([endpoint]))  # warm up whatever the first call allocates
     before = open_fds()
     failed = [_outcome(lambda: add_rpc_servers(endpoint)) for _ in range(100)]
@@ -215,9 +237,185 @@ def registrations(model: str, endpoint: str) -> dict:
             "all_connection_errors": all(f.startswith("ConnectionError") for f in failed)}
 
 
+def exit_with_dead_server(model: str) -> dict:
+    """The server dies while a model on it is idle, and the program ends without closing it."""
+    server, port = start_rpc_server()
+    llm = Llama(model, n_ctx=128, n_threads=1, rpc_servers=f"127.0.0.1:{port}", n_gpu_layers=99, verbose=False)
+    llm.eval(llm.tokenize(b"Hello"))
+    server.kill(); server.wait()
+    return {"exiting": True}  # the process must now exit (the test times it)
+
+
+def dead_and_stopped(model: str) -> dict:
+    """One registered server killed, one stopped (SIGSTOP), one healthy: loads that don't need the
+    broken ones neither fail nor wait for them."""
+    cpu, _ = _load(model)
+    want = _scores(cpu)[0]
+    cpu.close()
+    (dead, dead_port), (stopped, stopped_port), (healthy, healthy_port) = (start_rpc_server() for _ in range(3))
+    dead_ep, stopped_ep, healthy_ep = (f"127.0.0.1:{p}" for p in (dead_port, stopped_port, healthy_port))
+    for endpoint in (dead_ep, stopped_ep, healthy_ep):
+        _load(model, rpc_servers=[endpoint], n_gpu_layers=99)[0].close()
+    healthy_devices = frankenllama.rpc.add_rpc_servers(healthy_ep)
+    report: dict = {}
+    dead.kill(); dead.wait()
+    report["dead_requested"] = _outcome(lambda: Llama(model, rpc_servers=[dead_ep], n_gpu_layers=99, verbose=False))
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        llm = _load(model, n_gpu_layers=0)[0]
+        report["cpu_only_s"] = time.time() - t0
+        report["cpu_only_identical"] = bool(np.array_equal(_scores(llm)[0], want))
+        llm.close()
+        t0 = time.time()
+        llm = _load(model, rpc_servers=[healthy_ep], n_gpu_layers=99)[0]
+        report["healthy_s"] = time.time() - t0
+        report["healthy_devices"] = sorted(set(llm.layer_devices()))
+        report["healthy_identical"] = bool(np.array_equal(_scores(llm)[0], want))
+        llm.close()
+    finally:
+        stopped.send_signal(signal.SIGCONT)
+    stopped.kill(); stopped.wait()
+    llm = _load(model, n_gpu_layers=99)[0]  # every registered server: the two broken ones are left out
+    report["all_devices"] = sorted(set(llm.layer_devices()))
+    report["all_identical"] = bool(np.array_equal(_scores(llm)[0], want))
+    llm.close()
+    report["healthy_names"] = healthy_devices
+    healthy.kill()
+    return report
+
+
+class FakeServer(threading.Thread):
+    """An RPC server that speaks the protocol but lies: ``device_count`` devices, and buffers of
+    half the requested size.  Anything else closes the connection."""
+
+    HELLO, DEVICE_COUNT, ALLOC_BUFFER, GET_ALIGNMENT, GET_MAX_SIZE = 14, 15, 0, 1, 2
+    GET_DEVICE_MEMORY, GET_ALLOC_SIZE = 11, 13
+
+    def __init__(self, device_count: int) -> None:
+        super().__init__(daemon=True)
+        self.device_count = device_count
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    @staticmethod
+    def _recv(conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError
+            data += chunk
+        return data
+
+    def _reply(self, cmd: int, request: bytes) -> bytes | None:
+        if cmd == self.HELLO:
+            return bytes([7, 0, 0, 0]) + bytes(24)
+        if cmd == self.DEVICE_COUNT:
+            return struct.pack("<I", self.device_count)
+        if cmd == self.GET_DEVICE_MEMORY:
+            return struct.pack("<QQ", 2**30, 2**30)
+        if cmd == self.GET_ALIGNMENT:
+            return struct.pack("<Q", 32)
+        if cmd == self.GET_MAX_SIZE:
+            return struct.pack("<Q", 2**40)
+        if cmd == self.GET_ALLOC_SIZE:
+            return struct.pack("<Q", 0)  # the client never uses less than the tensor's size
+        if cmd == self.ALLOC_BUFFER:
+            _, size = struct.unpack("<IQ", request)
+            return struct.pack("<QQ", 0x10000, size // 2)
+        return None
+
+    def run(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            with conn:
+                try:
+                    while True:
+                        cmd = self._recv(conn, 1)[0]
+                        (size,) = struct.unpack("<Q", self._recv(conn, 8))
+                        reply = self._reply(cmd, self._recv(conn, size))
+                        if reply is None:
+                            break
+                        conn.sendall(struct.pack("<Q", len(reply)) + reply)
+                except (ConnectionError, OSError):
+                    pass
+
+
+def malformed(model: str) -> dict:
+    """A server whose replies are well framed but wrong: 4,294,967,295 devices, buffers smaller
+    than asked.  Each is an exception in Python, not an abort or an out-of-memory death."""
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a runaway allocation fails here, not the machine
+    report = {}
+    many = FakeServer(0xFFFFFFFF)
+    many.start()
+    report["device_count"] = _outcome(lambda: frankenllama.rpc.add_rpc_servers(f"127.0.0.1:{many.port}"))
+    short = FakeServer(1)
+    short.start()
+    report["short_buffer"] = _outcome(lambda: Llama(model, n_ctx=64, rpc_servers=f"127.0.0.1:{short.port}",
+                                                    n_gpu_layers=99, verbose=False))
+    llm = Llama(model, n_ctx=64, verbose=False)
+    report["alive"] = len(llm.tokenize(b"still here")) > 0
+    return report
+
+
+def threads(model: str) -> dict:
+    """Two models on one server, decoding in two threads at once: each gets its own results."""
+    server, port = start_rpc_server()
+    orders = ["0-29", "0-29,8-22"]
+    prompts = [PROMPT, b"A completely different prompt about the sea and its ships"]
+    models = [_load(model, layer_order=o, rpc_servers=[f"127.0.0.1:{port}"], n_gpu_layers=99)[0] for o in orders]
+    want = [eval_scores(llm, prompt) for llm, prompt in zip(models, prompts)]
+    mismatches, errors = [], []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(40):
+                if not np.array_equal(eval_scores(models[i], prompts[i]), want[i]):
+                    mismatches.append(i)
+        except Exception as err:  # reported to the test
+            errors.append(f"{type(err).__name__}: {err}")
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for llm in models:
+        llm.close()
+    server_alive = server.poll() is None
+    server.kill()
+    return {"mismatches": len(mismatches), "errors": errors, "server_alive": server_alive}
+
+
+def down_at_first_use(model: str) -> dict:
+    """The server does not answer when a load first asks for its buffer type, then answers again:
+    the next load works (the buffer type is not stuck with the zero alignment of a failed reply)."""
+    cpu, _ = _load(model)
+    want = _scores(cpu)[0]
+    cpu.close()
+    server, port = start_rpc_server()
+    endpoint = f"127.0.0.1:{port}"
+    frankenllama.rpc.add_rpc_servers(endpoint, timeout=2)  # registered, but no buffer type asked for yet
+    server.send_signal(signal.SIGSTOP)  # accepts connections (the kernel does), answers nothing
+    t0 = time.time()
+    report = {"down": _outcome(lambda: Llama(model, n_ctx=64, rpc_servers=endpoint, n_gpu_layers=99, verbose=False))}
+    report["down_s"] = time.time() - t0
+    server.send_signal(signal.SIGCONT)
+    time.sleep(0.5)
+    llm = _load(model, rpc_servers=[endpoint], n_gpu_layers=99)[0]
+    report["devices"] = sorted(set(llm.layer_devices()))
+    report["identical"] = bool(np.array_equal(_scores(llm)[0], want))
+    llm.close()
+    server.kill()
+    return report
+
+
 if __name__ == "__main__":
     assert frankenllama.native_library_path().is_file()
     mode, args = sys.argv[1], sys.argv[2:]
     result = {"offload": offload, "upload": upload, "unreachable": unreachable,
-              "server-dies": server_dies, "hangs": hangs, "registrations": registrations}[mode](*args)
+              "server-dies": server_dies, "hangs": hangs, "registrations": registrations,
+              "exit-with-dead-server": exit_with_dead_server, "dead-and-stopped": dead_and_stopped,
+              "malformed": malformed, "threads": threads, "down-at-first-use": down_at_first_use}[mode](*args)
     print(json.dumps(result))

@@ -116,6 +116,18 @@ def bind() -> None:
     check_patched(llama_cpp_module._lib, _loaded_library_path(llama_cpp_module))
 
 
+def log_to_stderr() -> None:
+    """From here on llama.cpp logs to stderr itself (its default), not through Python callbacks.
+
+    For the interpreter's exit: a Python callback called from one of llama.cpp's own threads
+    (ggml-rpc's connection thread logs a lost server) while the interpreter shuts down waits
+    forever for it, and the process never exits.
+    """
+    import llama_cpp
+
+    llama_cpp.llama_log_set(llama_cpp.llama_log_callback(0), ctypes.c_void_p(0))  # NULL: the default
+
+
 def check_patched(lib: ctypes.CDLL, name: str) -> None:
     """Raise ImportError unless ``lib`` is a library with the matching layer-order patch."""
     try:

@@ -19,12 +19,14 @@ Around that core this class keeps llama-cpp-python's stateful API free of silent
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import hashlib
 import os
 import sys
 import threading
+import weakref
 from typing import Any, Generator, Iterator, Sequence
 
 import llama_cpp
@@ -71,6 +73,25 @@ def _order_key_names(kv_overrides: dict[str, Any] | None) -> list[str]:
             or (".layer_order." in k and k.rsplit(".", 1)[-1].isdigit())]
 
 
+_open_models: "weakref.WeakSet[Llama]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_models_at_exit() -> None:
+    """Free the models still open while the interpreter is whole.
+
+    Left to the interpreter's shutdown, a model on an RPC server that died would log the loss from
+    ggml-rpc's own thread through a Python callback that can never run any more: the process would
+    hang instead of exiting.  Models of plain llama_cpp.Llama objects can't be reached from here,
+    so with RPC servers in use llama.cpp logs to stderr from now on.
+    """
+    for llm in list(_open_models):
+        with contextlib.suppress(Exception):
+            llm.close()
+    if rpc.registered():
+        _native.log_to_stderr()
+
+
 class Llama(llama_cpp.Llama):
     """A ``llama_cpp.Llama`` whose decoder blocks run in ``layer_order``.
 
@@ -111,11 +132,15 @@ class Llama(llama_cpp.Llama):
         self._rpc_used: list[str] = []  # endpoints holding this model's layers
         self._file_order: list[int] | None = None
         self._user_kv_overrides = kwargs.get("kv_overrides")
+        _open_models.add(self)
         # before llama.cpp sees the file: a block count it would assert on, a misspelled order override
         info = check_header(model_path, kwargs.get("kv_overrides"))
         if self._rpc_servers or rpc_timeout is not None:
             rpc.add_rpc_servers(self._rpc_servers or [], timeout=rpc_timeout)
         self._rpc_failures = rpc.failures()  # failed connections before the load: later ones are this model's
+        devices, self._rpc_used = rpc.load_devices(self._rpc_servers, kwargs.get("n_gpu_layers", 0))
+        # NULL-terminated; the model_params setter puts it in the params llama_cpp builds
+        self._load_devices = None if devices is None else (ctypes.c_void_p * (len(devices) + 1))(*devices)
         requested: list[int] | None = None
         if layer_order is not None:
             if kwargs.get("vocab_only"):
@@ -128,11 +153,11 @@ class Llama(llama_cpp.Llama):
             try:
                 super().__init__(model_path, **kwargs)
             except ValueError as err:
+                failed = rpc.failed_servers(self._rpc_failures, list(self._rpc_failures))
+                if failed:
+                    raise ConnectionError(f"RPC server {', '.join(failed)} failed while the model loaded: "
+                                          f"{_load_error(errors)}") from None
                 if "Failed to load model" in str(err):
-                    failed = rpc.failed_servers(self._rpc_failures, list(self._rpc_failures))
-                    if failed:
-                        raise ConnectionError(f"RPC server {', '.join(failed)} failed while the model loaded: "
-                                              f"{_load_error(errors)}") from None
                     raise ValueError(f"{err}: {_load_error(errors)}") from None
                 raise
 
@@ -151,10 +176,19 @@ class Llama(llama_cpp.Llama):
                 )
         self._state_prefix = self._read_state_prefix()
         self._model_identity = self._read_identity()  # the file as loaded, and the settings
-        # llama.cpp spreads offloaded layers and the output layer over every registered device: a
-        # model that offloads anything may depend on any server
-        self._rpc_used = list(self._rpc_failures) if self.model_params.n_gpu_layers != 0 else []
         self._check_rpc("loading the model")
+
+    @property
+    def model_params(self) -> llama_cpp.llama_model_params:
+        """llama_cpp's model parameters; their device list is the one :func:`rpc.load_devices` chose."""
+        return self._model_params
+
+    @model_params.setter
+    def model_params(self, params: llama_cpp.llama_model_params) -> None:
+        # llama_cpp.Llama.__init__ assigns the params first, then fills them field by field
+        if getattr(self, "_load_devices", None) is not None:
+            params.devices = ctypes.cast(self._load_devices, ctypes.c_void_p)
+        self._model_params = params
 
     # -- the order -------------------------------------------------------------------------------
 
@@ -208,54 +242,67 @@ class Llama(llama_cpp.Llama):
         Raises:
             ValueError: the order is malformed, out of range, unsupported, uses unloaded layers, or
                 needs more memory than a context can get.
+            ConnectionError: an RPC server this model uses has failed.
         """
         with self._lock:
             self._check_open()
             if self.model_params.vocab_only:
                 raise ValueError("a vocab_only=True model has no decoder blocks to re-order")
-            ffi, lib = _native.ffi_lib()
-            model = _native.model_ptr(self._model)
-            order = self.file_layer_order() if layer_order is None else resolve(layer_order, self.n_weight_layers)
-            missing = [il for il in order if not lib.llama_model_layer_is_loaded(model, il)]
-            if missing:
-                raise ValueError(
-                    f"weight layer(s) {format_spec(sorted(set(missing)))} were not loaded, because the order "
-                    "given at load time does not run them; load the model without layer_order to re-order freely"
-                )
-            previous = self.layer_order
-            self._order_epoch += 1
-            self._context_changes += 1
-            switched = False
+            self._check_rpc("changing the layer order")
             try:
-                self._ctx.close()
-                with _native.capture_llama_log() as errors:
-                    rc = lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", order), len(order))
-                if rc != 0:
-                    raise ValueError(f"could not set the layer order: {_load_error(errors)}")
-                try:
-                    self._open_context()
-                except ValueError as err:
+                self._switch_order(layer_order)
+            except ValueError:
+                # a context on a dead server can't be allocated: say why, not "out of memory"
+                error = self._rpc_error("changing the layer order")
+                if error is not None:
+                    raise error from None
+                raise
+
+    def _switch_order(self, layer_order: Recipe | None) -> None:
+        """set_layer_order's work, under the lock."""
+        ffi, lib = _native.ffi_lib()
+        model = _native.model_ptr(self._model)
+        order = self.file_layer_order() if layer_order is None else resolve(layer_order, self.n_weight_layers)
+        missing = [il for il in order if not lib.llama_model_layer_is_loaded(model, il)]
+        if missing:
+            raise ValueError(
+                f"weight layer(s) {format_spec(sorted(set(missing)))} were not loaded, because the order "
+                "given at load time does not run them; load the model without layer_order to re-order freely"
+            )
+        previous = self.layer_order
+        self._order_epoch += 1
+        self._context_changes += 1
+        switched = False
+        try:
+            self._ctx.close()
+            with _native.capture_llama_log() as errors:
+                rc = lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", order), len(order))
+            if rc != 0:
+                raise ValueError(f"could not set the layer order: {_load_error(errors)}")
+            try:
+                self._open_context()
+            except ValueError as err:
+                lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", previous), len(previous))
+                raise ValueError(
+                    f"could not create a context for the layer order {format_spec(order)} "
+                    f"({len(order)} positions, n_ctx={self.context_params.n_ctx}): {err}; "
+                    "the model keeps its previous order"
+                ) from None
+            switched = True
+        finally:
+            if self._ctx.ctx is None:
+                if self.layer_order != previous:  # interrupted between the native calls
                     lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", previous), len(previous))
-                    raise ValueError(
-                        f"could not create a context for the layer order {format_spec(order)} "
-                        f"({len(order)} positions, n_ctx={self.context_params.n_ctx}): {err}; "
-                        "the model keeps its previous order"
-                    ) from None
-                switched = True
-            finally:
-                if self._ctx.ctx is None:
-                    if self.layer_order != previous:  # interrupted between the native calls
-                        lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", previous), len(previous))
-                    self._open_context()  # the previous order's context (empty conversation)
-                self.n_tokens = 0
-                self._requires_eval = True
-                self._sampler = None
-                self.metadata = self._model.metadata()  # "<arch>.layer_order" follows the order
-                self._state_prefix = self._read_state_prefix()
-                stale = _order_key_names(self.kv_overrides)
-                if switched and stale:  # the load-time order no longer describes the model (pickle, repr)
-                    kept = {k: v for k, v in self.kv_overrides.items() if k not in stale}
-                    self.kv_overrides = kept or None
+                self._open_context()  # the previous order's context (empty conversation)
+            self.n_tokens = 0
+            self._requires_eval = True
+            self._sampler = None
+            self.metadata = self._model.metadata()  # "<arch>.layer_order" follows the order
+            self._state_prefix = self._read_state_prefix()
+            stale = _order_key_names(self.kv_overrides)
+            if switched and stale:  # the load-time order no longer describes the model (pickle, repr)
+                kept = {k: v for k, v in self.kv_overrides.items() if k not in stale}
+                self.kv_overrides = kept or None
 
     def _open_context(self) -> None:
         """Create the context for the model's current order (raises ValueError if it can't)."""
@@ -330,14 +377,22 @@ class Llama(llama_cpp.Llama):
         outputs since then are garbage: they must never reach a caller)."""
         if not self._rpc_used:
             return
-        llama_cpp.llama_synchronize(self._ctx.ctx)  # let queued RPC work finish or fail
-        failed = rpc.failed_servers(self._rpc_failures, self._rpc_used)
-        if failed:
+        if self._ctx.ctx is not None:
+            llama_cpp.llama_synchronize(self._ctx.ctx)  # let queued RPC work finish or fail
+        error = self._rpc_error(doing)
+        if error is not None:
             if doing == "loading the model":
                 self.close()
-            raise ConnectionError(
-                f"RPC server {', '.join(failed)} failed (connection lost, timed out or malformed reply) "
-                f"while {doing}; this model can't use it any more: load it again once the server is back")
+            raise error
+
+    def _rpc_error(self, doing: str) -> ConnectionError | None:
+        """The ConnectionError to raise if an RPC server this model uses has failed, else None."""
+        failed = rpc.failed_servers(self._rpc_failures, self._rpc_used)
+        if not failed:
+            return None
+        return ConnectionError(
+            f"RPC server {', '.join(failed)} failed (connection lost, timed out or malformed reply) "
+            f"while {doing}; this model can't use it any more: load it again once the server is back")
 
     def close(self) -> None:
         with self._lock:

@@ -7,8 +7,9 @@ llama.cpp's own ``--rpc`` option does; models loaded afterwards in this process 
 those layers). llama-cpp-python 0.3.36 has no such option: ``frankenllama.Llama(...,
 rpc_servers=[...])`` adds it.
 
-Registration is process-wide and permanent, as in llama.cpp: every later load with
-``n_gpu_layers > 0`` uses the registered servers.
+Registration is process-wide and permanent, as in llama.cpp.  A load offloads to the servers its
+``Llama`` names, or to every registered one that still accepts connections when it names none,
+and to none when ``n_gpu_layers`` is 0 (:func:`load_devices`).
 
 A server that dies, stops answering or answers garbage never takes the process down (patch 0003):
 ggml-rpc counts the connection as failed, every later operation on it fails, and
@@ -23,6 +24,7 @@ import os
 import re
 import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,9 +41,23 @@ void               ggml_backend_register(ggml_backend_reg_t reg);
 size_t             ggml_backend_reg_dev_count(ggml_backend_reg_t reg);
 ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index);
 const char *       ggml_backend_dev_name(ggml_backend_dev_t device);
+size_t             ggml_backend_dev_count(void);
+ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+int                ggml_backend_dev_type(ggml_backend_dev_t device);
+ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device);
+const char *       ggml_backend_reg_name(ggml_backend_reg_t reg);
+struct ggml_backend_dev_props {
+    const char * name; const char * description; size_t memory_free; size_t memory_total;
+    int type; const char * device_id;
+    bool caps[64];  /* struct ggml_backend_dev_caps (a few bools), with room to grow */
+};
+void               ggml_backend_dev_get_props(ggml_backend_dev_t device, struct ggml_backend_dev_props * props);
 """
 
-_ENDPOINT = re.compile(r"^([A-Za-z0-9.\-]+):(\d{1,5})$")
+#: enum ggml_backend_dev_type (ggml-backend.h)
+_DEVICE_GPU, _DEVICE_IGPU = 1, 2
+
+_ENDPOINT = re.compile(r"([A-Za-z0-9.\-]+):(\d{1,5})")
 _registered: dict[str, list[str]] = {}  # endpoint -> device names
 _addresses: dict[tuple[str, int], str] = {}  # (IPv4 address, port) -> the endpoint registered for it
 
@@ -52,7 +68,7 @@ def _ggml() -> tuple[cffi.FFI, Any]:
 
 def _address(endpoint: str) -> tuple[str, int]:
     """``(IPv4 address, port)`` of ``"host:port"``; ValueError naming what is wrong."""
-    match = _ENDPOINT.match(endpoint)
+    match = _ENDPOINT.fullmatch(endpoint)
     if not match:
         raise ValueError(f"RPC server {endpoint!r} is not host:port (e.g. 127.0.0.1:50052; ggml-rpc speaks IPv4)")
     host, port = match.group(1), int(match.group(2))
@@ -80,19 +96,22 @@ def add_rpc_servers(endpoints: Sequence[str] | str, *, timeout: float | None = N
     second connection from this process would wait for the first forever.
 
     Args:
-        timeout: seconds to wait for a connection or a reply (sets ``GGML_RPC_TIMEOUT`` for the
-            connections made from now on); None keeps the current setting (300 s by default).
+        timeout: seconds to wait for a connection or for the next bytes of a reply (sets
+            ``GGML_RPC_TIMEOUT`` for the connections made from now on; 0 waits forever); None keeps
+            the current setting (300 s by default).
 
     Raises:
         ValueError: an endpoint is not ``host:port`` with a port in 1-65535, or names a server
-            already registered under another name.
+            already registered under another name; the timeout is negative.
         RuntimeError: this build has no RPC backend.
         ConnectionError: a server does not answer (within the timeout).
     """
     if isinstance(endpoints, str):
         endpoints = [endpoints]
     if timeout is not None:
-        os.environ["GGML_RPC_TIMEOUT"] = str(max(1, int(round(timeout))))
+        if not timeout >= 0:
+            raise ValueError(f"rpc_timeout must be >= 0 seconds (0: wait forever), not {timeout}")
+        os.environ["GGML_RPC_TIMEOUT"] = str(max(1, round(timeout)) if timeout else 0)
     ffi, lib = _ggml()
     add_server = _rpc_function("ggml_backend_rpc_add_server", "ggml_backend_reg_t (*)(const char *)")
     devices: list[str] = []
@@ -117,6 +136,11 @@ def add_rpc_servers(endpoints: Sequence[str] | str, *, timeout: float | None = N
     return devices
 
 
+def registered() -> list[str]:
+    """The endpoints registered so far in this process."""
+    return list(_registered)
+
+
 def failures() -> dict[str, int]:
     """Failed connections so far, per registered endpoint (a snapshot to compare with later)."""
     if not _registered:
@@ -129,6 +153,75 @@ def failed_servers(since: dict[str, int], endpoints: Sequence[str]) -> list[str]
     """Those of ``endpoints`` whose connection failed after the :func:`failures` snapshot ``since``."""
     now = failures() if endpoints else {}
     return [endpoint for endpoint in endpoints if now.get(endpoint, 0) > since.get(endpoint, 0)]
+
+
+def _answers(endpoint: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts connections at ``endpoint`` (a killed server does not)."""
+    try:
+        with socket.create_connection(_address(endpoint), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_devices(endpoints: Sequence[str] | None, n_gpu_layers: int) -> tuple[list[int] | None, list[str]]:
+    """The devices a model load should offload to (``ggml_backend_dev_t`` addresses, for
+    ``llama_model_params.devices``; None for llama.cpp's own choice, when no RPC server is
+    registered), and the RPC servers among them.
+
+    llama.cpp's own choice is every GPU and every registered RPC server, each queried during every
+    load, even one that offloads nothing: a dead server would fail the load and a stopped one would
+    stall it for the whole timeout.  So a load uses:
+
+    - no RPC server when ``n_gpu_layers`` is 0 (the CPU runs every layer; RPC devices take no
+      other work);
+    - else the servers in ``endpoints`` when given (the model's ``rpc_servers``; one that accepts
+      no connection now is an error), or every registered one, leaving out (with a RuntimeWarning)
+      those that accept no connection now.  A server restarted on the same address is used again.
+
+    Local GPUs are kept as llama.cpp picks them (discrete GPUs once per device id; integrated
+    ones only without a discrete one).
+
+    Raises:
+        ConnectionError: a server in ``endpoints`` failed and does not answer.
+    """
+    if not _registered:
+        return None, []
+    rpc_devices: list[str] = []
+    used: list[str] = []
+    if n_gpu_layers != 0:
+        for endpoint in endpoints if endpoints is not None else list(_registered):
+            if not _answers(endpoint):
+                if endpoints is not None:
+                    raise ConnectionError(f"RPC server {endpoint} does not answer any more; restart it there "
+                                          "(`frankenllama-rpc-server -H HOST -p PORT`), or load without it")
+                warnings.warn(f"RPC server {endpoint} does not answer any more: this load leaves it out",
+                              RuntimeWarning, stacklevel=3)
+                continue
+            rpc_devices += _registered[endpoint]
+            used.append(endpoint)
+    ffi, lib = _ggml()
+    chosen: list[Any] = []
+    gpus, igpus, gpu_ids = [], [], set()
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        reg_name = ffi.string(lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev))).decode()
+        kind = lib.ggml_backend_dev_type(dev)
+        if reg_name == "RPC":
+            if ffi.string(lib.ggml_backend_dev_name(dev)).decode() in rpc_devices:
+                chosen.append(dev)
+        elif kind == _DEVICE_GPU:
+            props = ffi.new("struct ggml_backend_dev_props *")
+            lib.ggml_backend_dev_get_props(dev, props)
+            device_id = ffi.string(props.device_id).decode() if props.device_id != ffi.NULL else None
+            if device_id is None or device_id not in gpu_ids:
+                gpus.append(dev)
+                gpu_ids.add(device_id)
+        elif kind == _DEVICE_IGPU:
+            if not igpus or lib.ggml_backend_dev_backend_reg(dev) == lib.ggml_backend_dev_backend_reg(igpus[-1]):
+                igpus.append(dev)
+    devices = chosen + gpus + (igpus if not gpus else [])
+    return [int(ffi.cast("uintptr_t", dev)) for dev in devices], used
 
 
 def rpc_server_path() -> Path:
