@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -357,6 +358,48 @@ def test_changed_source_is_refused(two_tunes, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="changed on disk"):
         materialize(src, [0, 1], tmp_path / "out.gguf", progress=False)
     assert _parts(tmp_path) == [] and not (tmp_path / "out.gguf").exists()
+
+
+def test_source_written_during_the_copy_is_refused(two_tunes, tmp_path, monkeypatch):
+    """A source that changes while its tensors are copied (after the copy began) is an error too."""
+    a, _, _ = two_tunes
+    src = tmp_path / "src.gguf"
+    src.write_bytes(a.read_bytes())
+    copy = gguf_tools._Output.copy
+
+    def copy_then_touch(self, *args):
+        copy(self, *args)
+        os.utime(src, ns=(0, 0))
+
+    monkeypatch.setattr(gguf_tools._Output, "copy", copy_then_touch)
+    with pytest.raises(ValueError, match="changed on disk while it was being copied"):
+        materialize(src, [0, 1], tmp_path / "out.gguf", progress=False)
+    assert _parts(tmp_path) == [] and not (tmp_path / "out.gguf").exists()
+
+
+def test_output_names_up_to_the_file_system_limit(two_tunes, tmp_path):
+    """A 255-byte output name works (its temporary file gets a shortened name), and a stale
+    temporary file of that name is cleaned up by the next write."""
+    a, _, _ = two_tunes
+    out = tmp_path / ("m" * 250 + ".gguf")
+    materialize(a, [0, 1], out, progress=False)
+    assert out.is_file() and _parts(tmp_path) == []
+    stem = gguf_tools._part_stem(out)
+    assert len(stem.encode()) < 200
+    stale = tmp_path / f".{stem}.999999999.0123abcd.part"
+    stale.write_bytes(b"x")
+    materialize(a, [1, 0], out, progress=False)
+    assert not stale.exists()
+
+
+def test_nested_arrays_are_refused(tmp_path):
+    """llama.cpp refuses arrays of arrays; a file nesting them deeply is a ValueError, not a RecursionError."""
+    path = tmp_path / "nested.gguf"
+    kv = b"".join([struct.pack("<Q", 4), b"deep", struct.pack("<I", 9)]
+                  + [struct.pack("<IQ", 9, 1)] * 5000 + [struct.pack("<IQ", 4, 0)])
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + kv)
+    with pytest.raises(ValueError, match="nested arrays"):
+        gguf_tools.ModelFile(path)
 
 
 def test_cli_stack_and_materialize(two_tunes, tmp_path, capsys):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import itertools
 import mmap
 import os
@@ -130,9 +131,8 @@ class _Cursor:
                 self.advance(count * struct.calcsize(_SCALAR_FORMATS[item_type]))
             elif item_type == _VT.STRING:
                 self.skip_strings(count)
-            else:
-                for _ in range(count):
-                    self.skip(item_type)
+            else:  # llama.cpp refuses them too (gguf.cpp: "invalid GGUF type")
+                raise ValueError("an array of arrays: llama.cpp's GGUF reader does not support nested arrays")
             return item_type, count
         return None, 1
 
@@ -513,6 +513,9 @@ def _write(out_path: Path, byte_order: str, alignment: int, entries: list[bytes]
             out.copy(sources[id(src)], tensor.data_offset, tensor.n_bytes)
             out.pad(tensor.n_bytes, alignment)
             bar.update(tensor.n_bytes)
+        for src, fd in ((src, sources[id(src)]) for src in {id(s): s for s, _, _ in plan}.values()):
+            if _identity(os.fstat(fd)) != src.identity:  # written to while it was copied: the output is mixed
+                raise ValueError(f"{src.path} changed on disk while it was being copied; run the command again")
 
 
 # ------------------------------------------------------------------------------ the output file
@@ -544,15 +547,27 @@ def _check_target(path: Path) -> int | None:
     return None if st is None else stat.S_IMODE(st.st_mode) & 0o777
 
 
+def _part_stem(path: Path) -> str:
+    """``path``'s name as its temporary files show it: shortened (with a digest) when a name of
+    up to 255 bytes, the file system's limit, would not leave room for the temporary file's suffix."""
+    name = path.name
+    if len(os.fsencode(name)) <= 200:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    while len(os.fsencode(name)) > 150:
+        name = name[:-1]
+    return f"{name}~{digest}"
+
+
 def _part_pattern(path: Path) -> re.Pattern[str]:
-    """The names of the temporary files of ``path``: ``.<name>.<pid>.<8 hex digits>.part``."""
-    return re.compile(re.escape(f".{path.name}.") + r"([1-9][0-9]{0,9})\.[0-9a-f]{8}\.part")
+    """The names of the temporary files of ``path``: ``.<stem>.<pid>.<8 hex digits>.part``."""
+    return re.compile(re.escape(f".{_part_stem(path)}.") + r"([1-9][0-9]{0,9})\.[0-9a-f]{8}\.part")
 
 
 def _create_part(path: Path) -> tuple[int, Path]:
     """Create the temporary file of ``path`` and lock it (held until it is renamed or removed)."""
     for _ in range(100):
-        part = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+        part = path.with_name(f".{_part_stem(path)}.{os.getpid()}.{secrets.token_hex(4)}.part")
         try:
             fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
