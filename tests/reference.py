@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from frankenllama.program import EMBEDDINGS, LayerProgram
+
 try:  # works both as tests.reference and as top-level module
     from .tiny_model import LayerWeights, TinyModel
 except ImportError:
@@ -82,10 +84,33 @@ def reference_logits(
     Weight layers in nope_layers run without RoPE (smollm3 and llama4 have such layers).
     """
     m = model
+    if isinstance(layer_order, LayerProgram):
+        return program_logits(m, tokens, layer_order, f16_attn=f16_attn, nope_layers=nope_layers)
     order = list(range(m.n_layer)) if layer_order is None else list(layer_order)
     x = m.token_embd[np.asarray(tokens)].astype(np.float64)
     for il in order:
         x = block(m, m.layers[il], x, f16_attn, rope=il not in nope_layers)
+    return rms_norm(x, m.output_norm, m.rms_eps) @ m.output.T.astype(np.float64)
+
+
+def program_logits(model: TinyModel, tokens: list[int], program: LayerProgram, *, f16_attn: bool = False,
+                   nope_layers: frozenset[int] | set[int] = frozenset()) -> np.ndarray:
+    """Logits of a layer program: position p reads the weighted sum of its input terms (earlier
+    positions' outputs, ``EMBEDDINGS``), runs its weight layer F and outputs h + s*(F(h) - h)
+    (h itself for s = 0, F(h) for s = 1); the output stream is the program's output sum."""
+    m = model
+    embeddings = m.token_embd[np.asarray(tokens)].astype(np.float64)
+    outputs: dict[int, np.ndarray] = {}
+
+    def stream(combo) -> np.ndarray:
+        return sum(w * (embeddings if src == EMBEDDINGS else outputs[src]) for src, w in combo)
+
+    for p, il in enumerate(program.order):
+        h = stream(program.input_of(p))
+        s = program.scales[p]
+        y = h if s == 0 else block(m, m.layers[il], h, f16_attn, rope=il not in nope_layers)
+        outputs[p] = y if s == 1 else h + s * (y - h)
+    x = stream(program.output_combo())
     return rms_norm(x, m.output_norm, m.rms_eps) @ m.output.T.astype(np.float64)
 
 

@@ -210,8 +210,8 @@ slices:
 """
 BLOCKS = """\
 TotalLayers 48
-WeightBlock; 0; 23; 0; -1
-WeightBlock; 24; 47; 8; 0
+WeightBlock; 0; 24; 0; -1
+WeightBlock; 24; 48; 8; 0
 """
 
 

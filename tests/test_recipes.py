@@ -58,8 +58,8 @@ SOLAR_BLOCKS = """\
 # SOLAR-style depth up-scaling of a 32-layer model
 TotalLayers 48
 
-WeightBlock; 0; 23; 0; -1   # positions 0..23 run weights 0..23
-WeightBlock; 24; 47; 8; 0   # positions 24..47 run weights 8..31
+WeightBlock; 0; 24; 0; -1   # positions 0..23 run weights 0..23 (end excluded)
+WeightBlock; 24; 48; 8; 0   # positions 24..47 run weights 8..31
 """
 
 
@@ -490,98 +490,15 @@ def test_mergekit_bad_argument_type() -> None:
 
 
 # ------------------------------------------------------------------ block files
+# (their semantics, merges included, are tested in test_programs.py)
 
 
-def test_block_file_text() -> None:
+def test_block_file_text_and_path(tmp_path: Path) -> None:
     assert from_block_file(SOLAR_BLOCKS) == SOLAR
-
-
-def test_block_file_path(tmp_path: Path) -> None:
     path = tmp_path / "x.blocks"
     path.write_text(SOLAR_BLOCKS)
     assert from_block_file(path) == SOLAR
     assert from_block_file(str(path)) == SOLAR
-
-
-def test_block_file_lenient_syntax() -> None:
-    text = "totallayers; 6\n\n   # comment only\nweightblock;0;2;4;-1\nWEIGHTBLOCK ; 3 ; 5 ; 0 ; 0 # tail\n"
-    assert from_block_file(text) == [4, 5, 6, 0, 1, 2]
-
-
-def test_block_file_without_total_layers() -> None:
-    assert from_block_file("WeightBlock; 0; 0; 7; -1") == [7]
-
-
-def test_block_file_chain_not_in_file_order() -> None:
-    text = "WeightBlock; 3; 4; 10; 1\nWeightBlock; 0; 2; 0; -1\n"
-    assert from_block_file(text) == [0, 1, 2, 10, 11]
-
-
-def test_block_file_three_blocks() -> None:
-    text = (
-        "TotalLayers 7\n"
-        "WeightBlock; 0; 2; 0; -1\n"
-        "WeightBlock; 3; 4; 1; 0\n"
-        "WeightBlock; 5; 6; 2; 1\n"
-    )
-    assert from_block_file(text) == [0, 1, 2, 1, 2, 2, 3]
-
-
-@pytest.mark.parametrize(
-    ("text", "fragment"),
-    [
-        ("", "no WeightBlock lines"),
-        ("# nothing\n\n", "no WeightBlock lines"),
-        ("TotalLayers 4\n", "no WeightBlock lines"),
-        (
-            "WeightBlock; 0; 1; 0; -1\nMergeBlock; 2; 3; 0; 1; 0.5\n",
-            "line 2: MergeBlock is not supported yet",
-        ),
-        ("Block; 0; 1; 0; -1", "line 1: unknown line"),
-        ("WeightBlock; 0; 1; 0", "line 1: expected 'WeightBlock; start; end; weight_start; input_block'"),
-        ("WeightBlock; 0; 1; 0; -1; 5", "expected 'WeightBlock"),
-        ("WeightBlock 0 1 0 -1", "expected 'WeightBlock"),
-        ("WeightBlock; a; 1; 0; -1", "start 'a' must be a non-negative integer"),
-        ("WeightBlock; 0; -1; 0; -1", "end '-1' must be a non-negative integer"),
-        ("WeightBlock; 0; 1; x; -1", "weight_start 'x'"),
-        ("WeightBlock; 0; 1; 0; -2", "input_block '-2' must be a block id or -1"),
-        ("WeightBlock; 2; 1; 0; -1", "end 1 is before start 2"),
-        ("WeightBlock; 0; 600; 0; -1", "exceeds 512 positions"),
-        ("TotalLayers 3\nWeightBlock; 0; 1; 0; -1", "TotalLayers is 3 but the blocks cover 2"),
-        ("TotalLayers 2\nTotalLayers 2\nWeightBlock; 0; 1; 0; -1", "line 2: TotalLayers given twice"),
-        ("TotalLayers x\nWeightBlock; 0; 1; 0; -1", "line 1: expected 'TotalLayers <n>'"),
-        ("TotalLayers 0\nWeightBlock; 0; 1; 0; -1", "expected 'TotalLayers <n>'"),
-        ("TotalLayers 513\nWeightBlock; 0; 1; 0; -1", "expected 'TotalLayers <n>'"),
-        ("WeightBlock; 0; 1; 0; -1\nWeightBlock; 2; 3; 0; 5", "line 2: input_block 5 is not a block id"),
-        ("WeightBlock; 0; 1; 0; 0", "block 0 feeds itself"),
-        (
-            "WeightBlock; 0; 1; 0; -1\nWeightBlock; 2; 3; 0; 0\nWeightBlock; 2; 3; 4; 0",
-            "line 3: block 0 already feeds the block on line 2; branching",
-        ),
-        ("WeightBlock; 0; 1; 0; -1\nWeightBlock; 2; 3; 0; -1", "branching"),
-        ("WeightBlock; 0; 1; 0; 1\nWeightBlock; 2; 3; 0; 0", "no WeightBlock reads the embedding"),
-        ("WeightBlock; 1; 2; 0; -1", "line 1: block starts at position 1, expected 0"),
-        ("WeightBlock; 0; 1; 0; -1\nWeightBlock; 3; 4; 0; 0", "line 2: block starts at position 3, expected 2"),
-        ("WeightBlock; 0; 1; 0; -1\nWeightBlock; 1; 2; 0; 0", "expected 2"),
-        (
-            "WeightBlock; 0; 1; 0; -1\nWeightBlock; 5; 6; 0; 2\nWeightBlock; 7; 8; 0; 1",
-            "line 2: block 1 is not on the chain",
-        ),
-        (
-            "WeightBlock; 0; 299; 0; -1\nWeightBlock; 300; 599; 0; 0",
-            "line 2: the order would exceed 512 positions",
-        ),
-    ],
-)
-def test_block_file_rejects(text: str, fragment: str) -> None:
-    with pytest.raises(LayerOrderError) as info:
-        from_block_file(text)
-    assert fragment in str(info.value)
-
-
-def test_block_file_merge_block_message() -> None:
-    with pytest.raises(ValueError, match=r"MergeBlock .*not supported yet"):
-        from_block_file("MergeBlock; 0; 1; 0; -1")
 
 
 def test_block_file_missing(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ layer orders (execution position p runs weight layer order[p]; repeats and skips
   --recipe merge.yaml             mergekit passthrough config (slices of half-open
                                   layer_range: [a, b]; one model = a self-merge)
   --recipe model.blocks           Llama Blocks block file (.txt/.blocks:
-                                  "WeightBlock; start; end; weight_start; input_block")
+                                  "WeightBlock; start; end (excluded); weight_start;
+                                  input_block")
   --rewind 16,8                   generator: run 16 layers, step back 8, repeat
                                   (32 layers -> 0-15,8-23,16-31)
   --rys 8,16                      generator: RYS, layers 8..15 run twice

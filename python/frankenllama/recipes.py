@@ -15,31 +15,14 @@ Accepted recipe syntaxes (:func:`resolve` dispatches on the type of its argument
   ``.blocks`` (:func:`from_block_file`);
 * an already-loaded mergekit config (a mapping).
 
-Llama Blocks block file format (accepted by :func:`from_block_file`)
----------------------------------------------------------------------
+Llama Blocks block files (``.txt``/``.blocks``) are described in :mod:`frankenllama.blocks`:
+``WeightBlock; start; end; weight_start; input_block`` (``end`` excluded), ``MergeBlock; a;
+scale_a; b; scale_b`` and ``TotalLayers; n``.  :func:`from_block_file` reads one that is a
+plain chain as an order; :func:`block_program` reads any, branches and merges included.
 
-Line oriented; ``#`` starts a comment that runs to the end of the line; blank lines
-are ignored; keywords are case-insensitive; fields are separated by ``;`` with optional
-whitespace around them::
-
-    # SOLAR-style depth up-scaling of a 32-layer model
-    TotalLayers 48
-    WeightBlock; 0;  23; 0; -1      # block 0: positions 0..23 run weights 0..23
-    WeightBlock; 24; 47; 8;  0      # block 1: positions 24..47 run weights 8..31
-
-* ``TotalLayers <n>`` (``TotalLayers; <n>`` also accepted) -- optional, at most once:
-  the number of execution positions; when present it must equal the chain's length.
-* ``WeightBlock; <start>; <end>; <weight_start>; <input_block>`` -- block ids are
-  0, 1, 2, ... in file order (every ``WeightBlock``/``MergeBlock`` line takes the next
-  id).  The block covers execution positions ``start..end`` **inclusive** and runs
-  weights ``weight_start, weight_start + 1, ..., weight_start + (end - start)``.
-  ``input_block`` is the id of the block feeding it, ``-1`` for the token embedding.
-* ``MergeBlock ...`` -- not supported yet (LayerOrderError).
-
-The blocks must form one chain: exactly one block reads the embedding and starts at
-position 0, every other block reads the block that ends right before it
-(``start == input.end + 1``), no block feeds two blocks, and every block is on the
-chain.  The chain's weights, block after block, are the order.
+Layer programs (damped positions, branches, merges; :mod:`frankenllama.program`) come from
+:func:`resolve_program`, which takes every recipe above too, and from :func:`damped` and
+:func:`every_layer_damped`.
 
 Generators: :func:`rewind`, :func:`repeat_block`, :func:`rys`, :func:`drop`; they check the
 length of the order they would build (at most ``MAX_POSITIONS``) before building it.
@@ -61,6 +44,7 @@ from typing import Any, Union
 
 import yaml
 
+from .blocks import parse_block_file
 from .order import (
     MAX_POSITIONS,
     WHITESPACE,
@@ -69,6 +53,7 @@ from .order import (
     parse_spec,
     validate_order,
 )
+from .program import Layers, LayerProgram, Parallel, build, is_program_spec, parse_program
 
 __all__ = [
     "Recipe",
@@ -78,6 +63,10 @@ __all__ = [
     "from_mergekit_yaml",
     "from_mergekit_config",
     "from_block_file",
+    "block_program",
+    "resolve_program",
+    "damped",
+    "every_layer_damped",
     "rewind",
     "repeat_block",
     "rys",
@@ -512,146 +501,23 @@ def _stacked_merge(
 # --------------------------------------------------------------------------- block files
 
 
-@dataclass(frozen=True)
-class _Block:
-    """One WeightBlock line."""
-
-    block_id: int
-    line: int
-    start: int
-    end: int
-    weight_start: int
-    input_block: int
+def block_program(text_or_path: str | Path) -> LayerProgram:
+    """The layer program of a Llama Blocks block file (text, or a .txt/.blocks path); the format
+    is in :mod:`frankenllama.blocks`."""
+    return parse_block_file(_read_text(text_or_path, BLOCK_SUFFIXES, "block"))
 
 
 def from_block_file(text_or_path: str | Path) -> list[int]:
-    """Order from a Llama Blocks block file (text, or a .txt/.blocks path).
+    """Order from a block file that is one chain of WeightBlocks (see :mod:`frankenllama.blocks`).
 
-    See the module docstring for the format.  ``MergeBlock`` lines raise LayerOrderError.
+    A block file with branches or a MergeBlock is a layer program, not an order: it raises
+    LayerOrderError here; :func:`block_program` (and ``Llama(layer_order=path)``) read it.
     """
-    text = _read_text(text_or_path, BLOCK_SUFFIXES, "block")
-    blocks: list[_Block] = []
-    total: int | None = None
-    next_id = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        keyword = re.split(r"[\s;]", line, maxsplit=1)[0].lower()
-        if keyword == "totallayers":
-            if total is not None:
-                raise LayerOrderError(f"block file line {number}: TotalLayers given twice")
-            total = _parse_total(line, number)
-        elif keyword == "mergeblock":
-            raise LayerOrderError(
-                f"block file line {number}: MergeBlock is not supported yet; frankenllama "
-                f"runs one chain of WeightBlocks"
-            )
-        elif keyword == "weightblock":
-            blocks.append(_parse_weight_block(line, number, next_id))
-            next_id += 1
-        else:
-            raise LayerOrderError(
-                f"block file line {number}: unknown line {raw.strip()!r}; expected "
-                f"'TotalLayers <n>' or 'WeightBlock; start; end; weight_start; input_block'"
-            )
-    order = _chain_order(blocks)
-    if total is not None and total != len(order):
-        raise LayerOrderError(
-            f"block file: TotalLayers is {total} but the blocks cover {len(order)} positions"
-        )
-    return order
-
-
-def _parse_total(line: str, number: int) -> int:
-    """Parse ``TotalLayers <n>`` (or ``TotalLayers; <n>``)."""
-    match = re.fullmatch(r"(?i)totallayers\s*;?\s*([0-9]+)", line)
-    if match is None or not 1 <= int(match.group(1)) <= MAX_POSITIONS:
-        raise LayerOrderError(
-            f"block file line {number}: expected 'TotalLayers <n>' with 1 <= n <= "
-            f"{MAX_POSITIONS}, got {line!r}"
-        )
-    return int(match.group(1))
-
-
-def _parse_weight_block(line: str, number: int, block_id: int) -> _Block:
-    """Parse ``WeightBlock; start; end; weight_start; input_block``."""
-    fields = [field.strip() for field in line.split(";")]
-    usage = "expected 'WeightBlock; start; end; weight_start; input_block'"
-    if fields[0].lower() != "weightblock" or len(fields) != 5:
-        raise LayerOrderError(f"block file line {number}: {usage}, got {line!r}")
-    values: list[int] = []
-    for name, field in zip(("start", "end", "weight_start", "input_block"), fields[1:]):
-        pattern = r"-1|[0-9]+" if name == "input_block" else r"[0-9]+"
-        if re.fullmatch(pattern, field) is None:
-            allowed = (
-                "a block id or -1 (embedding)"
-                if name == "input_block"
-                else "a non-negative integer"
-            )
-            raise LayerOrderError(f"block file line {number}: {name} {field!r} must be {allowed}")
-        values.append(int(field))
-    start, end, weight_start, input_block = values
-    if end < start:
-        raise LayerOrderError(
-            f"block file line {number}: end {end} is before start {start} "
-            f"(positions start..end are inclusive)"
-        )
-    if end - start + 1 > MAX_POSITIONS:
-        raise LayerOrderError(f"block file line {number}: block exceeds {MAX_POSITIONS} positions")
-    return _Block(block_id, number, start, end, weight_start, input_block)
-
-
-def _chain_order(blocks: list[_Block]) -> list[int]:
-    """Follow input links from the embedding and concatenate the blocks' weights."""
-    if not blocks:
-        raise LayerOrderError("block file has no WeightBlock lines")
-    by_id = {block.block_id: block for block in blocks}
-    feeds: dict[int, _Block] = {}
-    for block in blocks:
-        if block.input_block != -1 and block.input_block not in by_id:
-            raise LayerOrderError(
-                f"block file line {block.line}: input_block {block.input_block} is not a "
-                f"block id (ids are 0, 1, ... in file order; -1 is the embedding)"
-            )
-        if block.input_block == block.block_id:
-            raise LayerOrderError(
-                f"block file line {block.line}: block {block.block_id} feeds itself"
-            )
-        if block.input_block in feeds:
-            other = feeds[block.input_block]
-            raise LayerOrderError(
-                f"block file line {block.line}: block {block.input_block} already feeds the "
-                f"block on line {other.line}; branching chains are not supported"
-            )
-        feeds[block.input_block] = block
-    if -1 not in feeds:
-        raise LayerOrderError("block file: no WeightBlock reads the embedding (input_block -1)")
-    order: list[int] = []
-    visited: set[int] = set()
-    previous: _Block | None = None
-    block: _Block | None = feeds[-1]
-    while block is not None:
-        visited.add(block.block_id)
-        expected = 0 if previous is None else previous.end + 1
-        if block.start != expected:
-            raise LayerOrderError(
-                f"block file line {block.line}: block starts at position {block.start}, "
-                f"expected {expected} (right after its input block)"
-            )
-        if block.end + 1 > MAX_POSITIONS:
-            raise LayerOrderError(
-                f"block file line {block.line}: the order would exceed {MAX_POSITIONS} positions"
-            )
-        order.extend(range(block.weight_start, block.weight_start + block.end - block.start + 1))
-        previous, block = block, feeds.get(block.block_id)
-    unchained = [b for b in blocks if b.block_id not in visited]
-    if unchained:
-        raise LayerOrderError(
-            f"block file line {unchained[0].line}: block {unchained[0].block_id} is not on "
-            f"the chain from the embedding"
-        )
-    return order
+    program = block_program(text_or_path)
+    if not program.is_plain:
+        raise LayerOrderError("this block file branches or merges, so it is a layer program, not an order: "
+                              "use block_program() or resolve_program(), or give it to Llama(layer_order=...)")
+    return list(program.order)
 
 
 # --------------------------------------------------------------------------- classics
@@ -734,3 +600,58 @@ CLASSIC_RECIPES: dict[str, ClassicRecipe] = {
         ),
     )
 }
+
+
+# --------------------------------------------------------------------------- layer programs
+
+#: Anything :func:`resolve_program` understands: every recipe, program specs, block files with
+#: merges, and programs built from :class:`~frankenllama.program.Layers`/``Parallel``.
+ProgramRecipe = Union[Recipe, LayerProgram, Layers, Parallel]
+
+
+def resolve_program(recipe: ProgramRecipe, n_layers: int, *, models: Sequence[str] | None = None) -> LayerProgram:
+    """Turn any recipe or program into a :class:`~frankenllama.program.LayerProgram` for a model
+    of ``n_layers`` weight layers; a plain recipe gives a plain program (its order).
+
+    Raises LayerOrderError (a ValueError) naming the bad item, column or line.
+    """
+    n_layers = _check_n_layers(n_layers)
+    if isinstance(recipe, LayerProgram):
+        return recipe.check_layers(n_layers)
+    if isinstance(recipe, (Layers, Parallel)):
+        return build(recipe).check_layers(n_layers)
+    path: Path | None = None
+    if isinstance(recipe, Path):
+        path = recipe
+    elif isinstance(recipe, str):
+        _reject_nul(recipe, "recipe")
+        if _looks_like_path(recipe, BLOCK_SUFFIXES):
+            path = Path(recipe.strip())
+        elif is_program_spec(recipe) and ".." not in recipe:
+            return parse_program(recipe, n_layers)
+    if path is not None and path.suffix.lower() in BLOCK_SUFFIXES:
+        return block_program(path).check_layers(n_layers)
+    return LayerProgram.from_order(resolve(recipe, n_layers, models=models))
+
+
+def damped(order_or_block: Recipe, passes: int, scale: float, *, n_layers: int) -> LayerProgram:
+    """Run ``order_or_block`` (e.g. ``"8-15"``) ``passes`` times in a row, every position with
+    residual scale ``scale``: each pass adds ``scale`` of its update, h <- h + s*(F(h) - h).
+
+    Use it inside a larger program with :func:`~frankenllama.program.build`, or on its own.
+    """
+    passes = _require_int(passes, "passes")
+    if passes < 1:
+        raise LayerOrderError(f"passes must be at least 1, got {passes}")
+    block = resolve(order_or_block, n_layers)
+    return build(*[Layers(il, il, scale) for _ in range(passes) for il in block]).check_layers(n_layers)
+
+
+def every_layer_damped(n_layers: int, passes: int) -> LayerProgram:
+    """kalomaze's damped repeats: every weight layer ``passes`` times in place, each pass at scale
+    ``1/passes`` (``0@0.25,0@0.25,0@0.25,0@0.25,1@0.25,...`` for 4 passes)."""
+    n_layers = _check_n_layers(n_layers)
+    passes = _require_int(passes, "passes")
+    if not 1 <= passes or n_layers * passes > MAX_POSITIONS:
+        raise LayerOrderError(f"{n_layers} layers x {passes} passes must be 1..{MAX_POSITIONS} positions")
+    return build(*[Layers(il, il, 1.0 / passes) for il in range(n_layers) for _ in range(passes)])
