@@ -43,7 +43,8 @@ def _check_alive(tiny) -> None:
 # --------------------------------------------------------------------------- Python-side validation
 
 MALFORMED = {
-    "0-5;7": "unexpected character ';'",
+    "0-5;7": "the output reads 7",
+    "0-5:7": "unexpected character ':'",
     "1,,2": "empty item",
     "": "empty layer order spec",
     "-1": "negative",
@@ -102,7 +103,8 @@ def test_set_layer_order_bad_input(tiny):
 # --------------------------------------------------------------------------- raw override (C parser only)
 
 RAW = {
-    "0-5;7": "not an index or a range",
+    "0-3;7": "reads position 7, which does not come before it",
+    "0-3;": "does not name a position",
     "1,,2": "is empty",
     "": "the order is empty",
     " \t ": "the order is empty",

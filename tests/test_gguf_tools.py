@@ -24,7 +24,7 @@ from frankenllama import gguf_tools
 from frankenllama.cli import main as cli_main
 from frankenllama.gguf_tools import BLOCK_SOURCES_KEY, materialize, stack
 from frankenllama.order import override_keys
-from frankenllama.recipes import resolve
+from frankenllama.recipes import resolve, resolve_program
 from lowlevel import RawModel, identical, run
 from tiny_model import write_gguf, write_tiny_llama
 
@@ -352,9 +352,9 @@ def test_changed_source_is_refused(two_tunes, tmp_path, monkeypatch):
 
     def touching_resolve(*args, **kwargs):
         os.utime(src, ns=(0, 0))
-        return resolve(*args, **kwargs)
+        return resolve_program(*args, **kwargs)
 
-    monkeypatch.setattr(gguf_tools, "resolve", touching_resolve)
+    monkeypatch.setattr(gguf_tools, "resolve_program", touching_resolve)
     with pytest.raises(ValueError, match="changed on disk"):
         materialize(src, [0, 1], tmp_path / "out.gguf", progress=False)
     assert _parts(tmp_path) == [] and not (tmp_path / "out.gguf").exists()

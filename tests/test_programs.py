@@ -60,7 +60,7 @@ def test_python_objects_build_the_same_programs() -> None:
     ("(0|)", "column 4"), ("(0-3)", "at least two branches"), ("0,5<7", "reads 7"), ("0-3<1", "reads 1"),
     ("0@3", "between 1e-06 and 2"), ("0@0.0000001", "between 1e-06 and 2"), ("(0*1|1)", "a weight, or none"),
     ("0;", "position number"), ("0;5", "reads 5"), ("(0*0|1*0)", "weight 0"), ("0,1<0+0", "twice"),
-    ("0@nan", "column 3"), ("0@-1", "column 3"), ("((0*2|1*2)*2|2*2)", "between 1e-06 and 2"), ("0)", "column 2"),
+    ("0@nan", "unexpected character"), ("0@-1", "column 3"), ("((0*2|1*2)*2|2*2)", "between 1e-06 and 2"), ("0)", "column 2"),
     ("0\x00", "NUL"), ("1<e,2<1", "reads 1"), ("", "empty"),
 ])
 def test_malformed_programs_name_the_problem(spec: str, fragment: str) -> None:

@@ -37,6 +37,7 @@ int32_t      llama_model_n_layer(const struct llama_model * model);
 int32_t      llama_model_n_layer_weights(const struct llama_model * model);
 int32_t      llama_model_get_layer_order(const struct llama_model * model, int32_t * order, int32_t n_order_max);
 int32_t      llama_model_set_layer_order(struct llama_model * model, const int32_t * order, int32_t n_order);
+int32_t      llama_model_set_layer_program(struct llama_model * model, const char * spec);
 bool         llama_model_layer_is_loaded(const struct llama_model * model, int32_t il);
 const char * llama_model_dev_layer_name(const struct llama_model * model, int32_t il);
 int32_t      llama_layer_order_parse(const char * spec, int32_t n_layer, int32_t * order, int32_t n_order_max,
@@ -163,6 +164,15 @@ def model_ptr(model: Any) -> Any:
     if not address:
         raise ValueError("the model is not loaded (null model pointer)")
     return ffi.cast("struct llama_model *", address)
+
+
+def set_layer_program(model: Any, program: Any) -> int:
+    """Run ``program`` (a :class:`~frankenllama.program.LayerProgram`) on a loaded model (a cffi
+    pointer); llama_model_set_layer_order's return code."""
+    ffi, lib = ffi_lib()
+    if program.is_plain:
+        return lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", list(program.order)), len(program.order))
+    return lib.llama_model_set_layer_program(model, program.spec.encode())
 
 
 def parse_spec_native(spec: str, n_layers: int) -> list[int]:

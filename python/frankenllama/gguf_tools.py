@@ -46,8 +46,8 @@ from typing import Any, Callable, Iterator, Sequence
 import gguf
 from tqdm import tqdm
 
-from .order import format_spec, parse_spec
-from .recipes import Recipe, resolve
+from .order import LayerOrderError, format_spec, parse_spec
+from .recipes import ProgramRecipe, resolve_program
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -736,7 +736,7 @@ def file_layer_order(model_path: str | Path) -> list[int]:
     return model.stored_order() or list(range(model.n_layer))
 
 
-def materialize(model_path: str | Path, layer_order: Recipe, out_path: str | Path, *, progress: bool = True) -> list[int]:
+def materialize(model_path: str | Path, layer_order: ProgramRecipe, out_path: str | Path, *, progress: bool = True) -> list[int]:
     """Write ``model_path`` with its blocks in ``layer_order`` to ``out_path`` as a standalone GGUF.
 
     Blocks are copied byte for byte and renumbered, ``block_count`` becomes the order's length,
@@ -752,7 +752,11 @@ def materialize(model_path: str | Path, layer_order: Recipe, out_path: str | Pat
     out_path = Path(out_path)
     src = ModelFile(model_path)
     _check_output(out_path, [src.path])
-    order = resolve(layer_order, src.n_layer)
+    program = resolve_program(layer_order, src.n_layer)
+    if not program.is_plain:
+        raise LayerOrderError(f"the layer program {program} damps, branches or merges positions, which no GGUF "
+                              "file can express; run it in place with Llama(layer_order=...), or materialize a plain order")
+    order = list(program.order)
     arch = src.arch
     enc = _Encoder(src.byte_order)
     swa = src.swa_flags()

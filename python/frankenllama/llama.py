@@ -37,8 +37,9 @@ from llama_cpp.llama import LlamaState
 from . import _native
 from .gguf_info import check_header
 from .gguf_tools import file_layer_order
-from .order import format_spec, override_keys
-from .recipes import Recipe, resolve
+from .order import format_spec
+from .program import LayerProgram, program_override_keys
+from .recipes import ProgramRecipe, resolve_program
 from . import rpc
 from .state_cache import OrderKeyedCache, order_namespace
 
@@ -117,7 +118,7 @@ class Llama(llama_cpp.Llama):
             that fails later makes every decode of the model raise ConnectionError (never a crash).
     """
 
-    def __init__(self, model_path: str, *, layer_order: Recipe | None = None,
+    def __init__(self, model_path: str, *, layer_order: ProgramRecipe | None = None,
                  rpc_servers: Sequence[str] | str | None = None, rpc_timeout: float | None = None,
                  **kwargs: Any) -> None:
         self._lock = threading.RLock()  # first: close() and __del__ take it
@@ -141,13 +142,14 @@ class Llama(llama_cpp.Llama):
         devices, self._rpc_used = rpc.load_devices(self._rpc_servers, kwargs.get("n_gpu_layers", 0))
         # NULL-terminated; the model_params setter puts it in the params llama_cpp builds
         self._load_devices = None if devices is None else (ctypes.c_void_p * (len(devices) + 1))(*devices)
-        requested: list[int] | None = None
+        requested: LayerProgram | None = None
+        self._program: LayerProgram | None = None  # the program run now, if it is not a plain order
         if layer_order is not None:
             if kwargs.get("vocab_only"):
                 raise ValueError("vocab_only=True loads no decoder blocks, so a layer_order has nothing to "
                                  "run: leave layer_order out for a vocabulary-only model")
-            requested = resolve(layer_order, info.n_layer)
-            kwargs["kv_overrides"] = _merge_overrides(kwargs.get("kv_overrides"), override_keys(info.arch, requested))
+            requested = resolve_program(layer_order, info.n_layer)
+            kwargs["kv_overrides"] = _merge_overrides(kwargs.get("kv_overrides"), program_override_keys(info.arch, requested))
 
         with _native.capture_llama_log() as errors:
             try:
@@ -169,11 +171,12 @@ class Llama(llama_cpp.Llama):
 
         if requested is not None:
             applied = self.layer_order
-            if applied != requested:
+            if applied != list(requested.order):
                 raise RuntimeError(
-                    f"the native library did not apply the layer order (asked {format_spec(requested)}, "
+                    f"the native library did not apply the layer order (asked {requested}, "
                     f"running {format_spec(applied)}): is LLAMA_CPP_LIB_PATH pointing at a stock llama.cpp?"
                 )
+            self._program = None if requested.is_plain else requested
         self._state_prefix = self._read_state_prefix()
         self._model_identity = self._read_identity()  # the file as loaded, and the settings
         self._check_rpc("loading the model")
@@ -208,6 +211,12 @@ class Llama(llama_cpp.Llama):
         lib.llama_model_get_layer_order(model, order, n)
         return list(order)
 
+    @property
+    def layer_program(self) -> LayerProgram:
+        """The layer program the model runs (:mod:`frankenllama.program`); for a plain order, the
+        program with default routing and scales, whose ``spec`` is the order's."""
+        return self._program or LayerProgram.from_order(self.layer_order)
+
     def file_layer_order(self) -> list[int]:
         """The order the file itself runs: the order it stores (``<arch>.layer_order``), else every
         weight layer once, in file order."""
@@ -227,7 +236,7 @@ class Llama(llama_cpp.Llama):
         """Device of each execution position's K/V cache (the device of its weight layer)."""
         return self.layer_devices()
 
-    def set_layer_order(self, layer_order: Recipe | None) -> None:
+    def set_layer_order(self, layer_order: ProgramRecipe | None) -> None:
         """Switch to another order without reloading the weights.
 
         The context and its KV cache are rebuilt for the new depth, so the conversation state is
@@ -258,41 +267,46 @@ class Llama(llama_cpp.Llama):
                     raise error from None
                 raise
 
-    def _switch_order(self, layer_order: Recipe | None) -> None:
+    def _switch_order(self, layer_order: ProgramRecipe | None) -> None:
         """set_layer_order's work, under the lock."""
         ffi, lib = _native.ffi_lib()
         model = _native.model_ptr(self._model)
-        order = self.file_layer_order() if layer_order is None else resolve(layer_order, self.n_weight_layers)
+        program = (LayerProgram.from_order(self.file_layer_order()) if layer_order is None
+                   else resolve_program(layer_order, self.n_weight_layers))
+        order = list(program.order)
         missing = [il for il in order if not lib.llama_model_layer_is_loaded(model, il)]
         if missing:
             raise ValueError(
                 f"weight layer(s) {format_spec(sorted(set(missing)))} were not loaded, because the order "
                 "given at load time does not run them; load the model without layer_order to re-order freely"
             )
-        previous = self.layer_order
+        previous = self.layer_program
         self._order_epoch += 1
         self._context_changes += 1
         switched = False
         try:
             self._ctx.close()
             with _native.capture_llama_log() as errors:
-                rc = lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", order), len(order))
+                rc = _native.set_layer_program(model, program)
             if rc != 0:
                 raise ValueError(f"could not set the layer order: {_load_error(errors)}")
+            self._program = None if program.is_plain else program
             try:
                 self._open_context()
             except ValueError as err:
-                lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", previous), len(previous))
+                _native.set_layer_program(model, previous)
+                self._program = None if previous.is_plain else previous
                 raise ValueError(
-                    f"could not create a context for the layer order {format_spec(order)} "
+                    f"could not create a context for the layer order {program} "
                     f"({len(order)} positions, n_ctx={self.context_params.n_ctx}): {err}; "
                     "the model keeps its previous order"
                 ) from None
             switched = True
         finally:
             if self._ctx.ctx is None:
-                if self.layer_order != previous:  # interrupted between the native calls
-                    lib.llama_model_set_layer_order(model, ffi.new("int32_t[]", previous), len(previous))
+                if self.layer_program != previous:  # interrupted between the native calls
+                    _native.set_layer_program(model, previous)
+                    self._program = None if previous.is_plain else previous
                 self._open_context()  # the previous order's context (empty conversation)
             self.n_tokens = 0
             self._requires_eval = True
@@ -558,7 +572,8 @@ class Llama(llama_cpp.Llama):
             value, self._cache_namespace, lambda state: self._state_problem(state) is None)
 
     def _cache_namespace(self) -> tuple[int, ...]:
-        return order_namespace(self._model_identity, self.n_weight_layers, self.layer_order)
+        return order_namespace(self._model_identity, self.n_weight_layers, self.layer_order,
+                               "" if self._program is None else self._program.spec)
 
     # -- pickling ----------------------------------------------------------------------------------
 
@@ -569,7 +584,8 @@ class Llama(llama_cpp.Llama):
                      if k not in _order_key_names(self._user_kv_overrides)}
         state["kv_overrides"] = overrides or None
         current = self.layer_order
-        state["layer_order"] = None if current == self.file_layer_order() else current
+        state["layer_order"] = (self._program.spec if self._program is not None
+                                else None if current == self.file_layer_order() else current)
         state["rpc_servers"] = self._rpc_servers
         state["rpc_timeout"] = self._rpc_timeout
         return state

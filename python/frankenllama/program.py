@@ -52,9 +52,10 @@ from typing import Union
 
 import numpy as np
 
-from .order import MAX_POSITIONS, WHITESPACE, LayerOrderError, format_spec, parse_spec, validate_order
+from .order import (MAX_OVERRIDE_BYTES, MAX_POSITIONS, WHITESPACE, LayerOrderError, format_spec, override_key_name,
+                    override_keys, parse_spec, validate_order)
 
-__all__ = ["EMBEDDINGS", "MAX_FACTOR", "MIN_FACTOR", "LayerProgram", "Layers", "Parallel", "parse_program",
+__all__ = ["program_override_keys", "EMBEDDINGS", "MAX_FACTOR", "MIN_FACTOR", "LayerProgram", "Layers", "Parallel", "parse_program",
            "format_program", "is_program_spec"]
 
 #: A term's source that is the token embeddings (the stream before position 0).
@@ -66,6 +67,7 @@ MIN_FACTOR = 1e-6
 
 Combo = tuple[tuple[int, float], ...]  #: a weighted sum: ((source, weight), ...), source EMBEDDINGS or a position
 _PROGRAM_CHARS = frozenset("@<;()|*+.e")
+_ORDER_CHARS = frozenset("0123456789,-") | WHITESPACE
 
 
 def _f32(value: float) -> float:
@@ -412,8 +414,10 @@ def parse_program(spec: str, n_layers: int | None = None) -> LayerProgram:
 
 
 def is_program_spec(spec: object) -> bool:
-    """Whether a spec string uses program syntax (else it is a plain order spec)."""
-    return isinstance(spec, str) and any(ch in _PROGRAM_CHARS for ch in spec)
+    """Whether a string is written in program syntax: only its characters, and one of those an
+    order spec does not use (else it is a plain order spec, or not a spec at all, e.g. a path)."""
+    return (isinstance(spec, str) and any(ch in _PROGRAM_CHARS for ch in spec)
+            and all(ch in _PROGRAM_CHARS or ch in _ORDER_CHARS for ch in spec))
 
 
 def _format_combo(combo: Combo) -> str:
@@ -445,3 +449,21 @@ def format_program(program: LayerProgram) -> str:
         p = q + 1
     spec = ",".join(items)
     return spec if program.output is None else spec + ";" + _format_combo(program.output)
+
+
+def program_override_keys(arch: str, program: LayerProgram) -> dict[str, str]:
+    """KV overrides carrying ``program`` for architecture ``arch``: the canonical spec in pieces of
+    at most 127 bytes (``<arch>.layer_order``, ``.1``, ``.2``, ...; llama.cpp joins them as they
+    are).  A plain program travels exactly as its order does (:func:`~frankenllama.order.override_keys`)."""
+    if program.is_plain:
+        return override_keys(arch, program.order)
+    tokens = re.findall(r"[^,+;]*[,+;]?", program.spec)
+    pieces = [""]
+    for token in filter(None, tokens):
+        if len(token) > MAX_OVERRIDE_BYTES:
+            raise LayerOrderError(f"a term of the layer program is longer than {MAX_OVERRIDE_BYTES} bytes: {token!r}")
+        if len(pieces[-1]) + len(token) > MAX_OVERRIDE_BYTES:
+            pieces.append("")
+        pieces[-1] += token
+    override_keys(arch, [0])  # the same check of the architecture name
+    return {override_key_name(arch, n): piece for n, piece in enumerate(pieces)}

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 _MARKER = -0x46524B4E  # "FRKN"
 
 
-def order_namespace(model: str, n_weight_layers: int, order: Sequence[int]) -> tuple[int, ...]:
-    """Key prefix for states of ``model`` (an identity string) saved under ``order``: negative ints,
-    which no token id is."""
-    digest = hashlib.sha256(f"{model}:{n_weight_layers}:{','.join(map(str, order))}".encode()).digest()
+def order_namespace(model: str, n_weight_layers: int, order: Sequence[int], program: str = "") -> tuple[int, ...]:
+    """Key prefix for states of ``model`` (an identity string) saved under ``order`` (and the spec
+    of its layer program, if it is one): negative ints, which no token id is."""
+    key = f"{model}:{n_weight_layers}:{','.join(map(str, order))}" + (f";{program}" if program else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return (_MARKER,) + tuple(-1 - int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4))
 
 
