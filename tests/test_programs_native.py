@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from frankenllama import Llama, _native
+from frankenllama import _native
 from frankenllama.order import LayerOrderError
 from frankenllama.program import LayerProgram, parse_program, program_override_keys
 from frankenllama.recipes import block_program
