@@ -87,6 +87,20 @@ def _describe_mismatch(key: str, old: Any, new: Any) -> str:
     return f"other {key} ({json.dumps(old)}; now {json.dumps(new)})"
 
 
+def check_compatible(path: str | Path, header: dict[str, Any]) -> None:
+    """Raise ScanError if ``path`` exists and is not a results file of this scan (reads only)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ScanError(f"{path} is not a regular file")
+    old, _, _ = _parse(path)
+    for key in IDENTITY_KEYS:
+        if old.get(key) != header.get(key):
+            raise ScanError(f"{path} holds results for {_describe_mismatch(key, old.get(key), header.get(key))}; "
+                            "refusing to resume into it: choose another --out or delete the file")
+
+
 class ResultsFile:
     """An open results file: the rows already in it, and :meth:`append` for new ones."""
 
@@ -94,13 +108,8 @@ class ResultsFile:
         self.path = Path(path)
         header = {"kind": "header", "format": FORMAT, **header}
         if self.path.exists():
-            if not self.path.is_file():
-                raise ScanError(f"{self.path} is not a regular file")
+            check_compatible(self.path, header)
             old, rows, good = _parse(self.path)
-            for key in IDENTITY_KEYS:
-                if old.get(key) != header.get(key):
-                    raise ScanError(f"{self.path} holds results for {_describe_mismatch(key, old.get(key), header.get(key))}; "
-                                    "refusing to resume into it: choose another --out or delete the file")
             if good != self.path.stat().st_size:  # a line cut short by a crash
                 with open(self.path, "r+b") as f:
                     f.truncate(good)

@@ -18,7 +18,7 @@ from ..order import format_spec
 from .engine import Evaluator, Scores, prepare_llama
 from .errors import ScanError
 from .inputs import ProbeItem, build_dataset, read_probes, read_text, sha256_text, split_text
-from .results import ResultsFile, ranked
+from .results import ResultsFile, check_compatible, model_identity, ranked
 from .stats import BLOCK_TOKENS, LEVEL, N_BOOT, RANKS, block_sums, bootstrap_ci
 from .sweeps import Config, SweepSpec, plan
 
@@ -39,6 +39,7 @@ class ScanSummary:
     plots: list[Path] = field(default_factory=list)
     plot_note: str = ""
     seconds: float = 0.0
+    positions_run: int = 0           # execution positions decoded (summed over decodes)
 
 
 def default_rank(sweep: str, has_probes: bool) -> str:
@@ -161,7 +162,6 @@ def scan(model: str | Path, sweep: str | SweepSpec = "rys", *, out: str | Path, 
         raise ScanError(f"unknown rank {rank!r}: use one of {', '.join(RANKS)}")
     if rank == "probe" and not items:
         raise ScanError("rank 'probe' needs probes (--probes FILE)")
-    from .results import model_identity
 
     header = {
         "model": model_identity(model_path),
@@ -173,7 +173,7 @@ def scan(model: str | Path, sweep: str | SweepSpec = "rys", *, out: str | Path, 
                      "bootstrap": N_BOOT, "level": LEVEL},
         "n_layer": n_layer, "base_order": format_spec(base), "frankenllama": __version__,
     }
-    results = ResultsFile(out, header)
+    check_compatible(out, header)  # before loading anything
     kv = read_model_stats(model_path).kv_bytes_per_layer
 
     llm = _load(model_path, n_ctx, n_threads)
@@ -194,6 +194,7 @@ def scan(model: str | Path, sweep: str | SweepSpec = "rys", *, out: str | Path, 
         datasets = {name: build_dataset(name, toks, its, tokenize, n_ctx) for name, toks, its in splits}
         prepare_llama(llm, n_ctx, max(d.n_seqs_max for d in datasets.values()))
         split_items = {name: its for name, _, its in splits}
+        results = ResultsFile(out, header)  # every input checked: now the file may be created
 
         from tqdm import tqdm
 
@@ -251,7 +252,8 @@ def scan(model: str | Path, sweep: str | SweepSpec = "rys", *, out: str | Path, 
         llm.close()
 
     rows = [r for r in results.rows if r.get("kind") == "result"]
-    summary = ScanSummary(results.path, results.header, rows, counts["scored"], counts["reused"], note, rank)
+    summary = ScanSummary(results.path, results.header, rows, counts["scored"], counts["reused"], note, rank,
+                          positions_run=sum(ev.positions_run for ev in evaluators))
     if plots:
         from .plot import plot_results
 
