@@ -479,8 +479,9 @@ def _print_top(path: Path, n: int, rank: str | None) -> None:
             h = held.get(r["order"])
             line += f"  {gain(h, rank):>+8.4f}" if h else f"  {'':>8}"
         print(line + f"  {'*' if r['order'] in pareto else ' '}  {r['order']}")
-    print(f"(* on the Pareto front of extra positions vs gain; run one with "
-          f"Llama(model, layer_order=\"{search[0]['order']}\") or frankenllama run --layer-order ...)")
+    best = next((r["order"] for r in search if r["order"] != header["base_order"]), header["base_order"])
+    print(f"(* on the Pareto front of extra positions vs gain.  Run an order with "
+          f"Llama(model, layer_order=\"{best}\") or frankenllama run -m MODEL --layer-order {best})")
 
 
 def cmd_scan(args: argparse.Namespace) -> int:

@@ -78,6 +78,7 @@ class _Capture:
         self.wanted: dict[bytes, int] = {}   # tensor name -> position
         self.got: dict[int, np.ndarray] = {}
         self.error: str | None = None
+        self.interrupted = False  # a Ctrl-C arrived while the graph ran (re-raised after the decode)
         self.callback = _eval_callback_type()(self._call)
 
     def want(self, positions: Sequence[int]) -> None:
@@ -87,27 +88,34 @@ class _Capture:
 
     def _call(self, tensor: Any, ask: bool, user_data: Any) -> bool:
         try:
-            if not self.wanted:
-                return not ask
-            t = self.ffi.cast("struct ggml_tensor *", tensor)
-            name = self.ffi.string(self.lib.ggml_get_name(t))
-            position = self.wanted.get(name)
-            if position is None:
-                return not ask
-            if ask:
-                return True
-            n_bytes = int(self.lib.ggml_nbytes(t))
-            n_rows = int(self.lib.ggml_nrows(t))
-            if n_bytes != 4 * int(self.lib.ggml_nelements(t)):
-                self.error = f"{name.decode()} is not float32"
-                return False
-            out = np.empty((n_rows, int(self.lib.ggml_nelements(t)) // n_rows), np.float32)
-            self.lib.ggml_backend_tensor_get(t, self.ffi.cast("void *", out.ctypes.data), 0, n_bytes)
-            self.got[position] = out
-            return True
+            return self._handle(tensor, ask)
+        except KeyboardInterrupt:  # Python runs the SIGINT handler inside the callback
+            self.interrupted = True
+            return not ask
         except BaseException as err:  # never let an exception cross the C boundary
             self.error = f"{type(err).__name__}: {err}"
             return False
+
+    def _handle(self, tensor: Any, ask: bool) -> bool:
+        """Answer the scheduler: want this node's data (ask), or take it (not ask); True = go on."""
+        if not self.wanted:
+            return not ask
+        t = self.ffi.cast("struct ggml_tensor *", tensor)
+        name = self.ffi.string(self.lib.ggml_get_name(t))
+        position = self.wanted.get(name)
+        if position is None:
+            return not ask
+        if ask:
+            return True
+        n_bytes = int(self.lib.ggml_nbytes(t))
+        n_rows = int(self.lib.ggml_nrows(t))
+        if n_bytes != 4 * int(self.lib.ggml_nelements(t)):
+            self.error = f"{name.decode()} is not float32"
+            return False
+        out = np.empty((n_rows, int(self.lib.ggml_nelements(t)) // n_rows), np.float32)
+        self.lib.ggml_backend_tensor_get(t, self.ffi.cast("void *", out.ctypes.data), 0, n_bytes)
+        self.got[position] = out
+        return True
 
 
 def _eval_callback_type() -> Any:
@@ -247,8 +255,11 @@ class Evaluator:
             try:
                 rc = ll.llama_decode(ctx, batch)
             finally:
-                got, error = self._capture.got, self._capture.error
+                got, error, interrupted = self._capture.got, self._capture.error, self._capture.interrupted
                 self._capture.want([])
+                self._capture.interrupted = False
+            if interrupted:
+                raise KeyboardInterrupt
             if error:
                 raise ScanError(f"reading hidden states failed: {error}")
             if rc != 0:

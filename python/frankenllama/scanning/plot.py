@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .results import front
+from .results import atomic_write, front
 from .stats import gain
 
 CMAP = "RdBu"
@@ -27,25 +25,11 @@ _LABEL = {"ppl": "gain: NLL saved per token (nats)", "kl": "gain: -KL from the b
 
 
 def _atomic_save(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part.png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8"))
 
 
 def plot_results(path: Path, header: dict[str, Any], rows: Sequence[dict[str, Any]], rank: str) -> tuple[list[Path], str]:
@@ -74,27 +58,33 @@ def heatmap(rows: Sequence[dict[str, Any]], n_layer: int, rank: str, png: Path) 
     """Triangular (i, j) heatmap of the gain; writes ``png`` and its ``.json`` cell map."""
     import matplotlib.pyplot as plt
 
-    matrix = np.full((n_layer + 1, n_layer + 1), np.nan)
+    rows_i = sorted({int(r["params"]["i"]) for r in rows})
+    cols_j = sorted({int(r["params"]["j"]) for r in rows})
+    matrix = np.full((len(rows_i), len(cols_j)), np.nan)
     for r in rows:
-        matrix[r["params"]["i"], r["params"]["j"]] = gain(r, rank)
+        matrix[rows_i.index(r["params"]["i"]), cols_j.index(r["params"]["j"])] = gain(r, rank)
     finite = matrix[np.isfinite(matrix)]
     vmax = float(np.max(np.abs(finite))) if finite.size else 1.0
     vmax = vmax if vmax > 0 else 1.0
-    size = min(14.0, max(5.0, 0.25 * n_layer + 2.5))
+    size = min(14.0, max(5.0, 0.25 * max(len(rows_i), len(cols_j)) + 2.5))
     fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=DPI)
     try:
         image = ax.imshow(np.ma.masked_invalid(matrix), cmap=CMAP, vmin=-vmax, vmax=vmax,
-                          interpolation="nearest", origin="upper")
-        ax.set_xlabel("j (repeat ends before layer j)")
+                          interpolation="nearest", origin="upper", aspect="auto")
+        step = max(1, len(cols_j) // 16)
+        ax.set_xticks(range(0, len(cols_j), step), [str(j) for j in cols_j[::step]])
+        step = max(1, len(rows_i) // 16)
+        ax.set_yticks(range(0, len(rows_i), step), [str(i) for i in rows_i[::step]])
+        ax.set_xlabel("j (the repeat ends before layer j)")
         ax.set_ylabel("i (first repeated layer)")
         ax.set_title(f"RYS (i, j): layers 0..j-1 then i..{n_layer - 1}")
         fig.colorbar(image, ax=ax, label=_LABEL[rank])
         fig.canvas.draw()
         height = fig.canvas.get_width_height()[1]
         cells = []
-        for i, j in zip(*np.nonzero(np.isfinite(matrix))):
-            x, y = ax.transData.transform((float(j), float(i)))
-            cells.append({"i": int(i), "j": int(j), "value": float(matrix[i, j]),
+        for a, b in zip(*np.nonzero(np.isfinite(matrix))):
+            x, y = ax.transData.transform((float(b), float(a)))
+            cells.append({"i": rows_i[a], "j": cols_j[b], "value": float(matrix[a, b]),
                           "px": int(math.floor(x)), "py": int(math.floor(height - y))})
         _atomic_save(fig, png)
     finally:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import ScanError
 from .stats import gain, pareto_front
@@ -34,6 +34,22 @@ def model_identity(path: str | Path) -> dict[str, Any]:
             f.seek(max(_HASH_SPAN, size - _HASH_SPAN))
             h.update(f.read(_HASH_SPAN))
     return {"path": str(path.resolve()), "size": size, "sha256_head_tail": h.hexdigest()}
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` fill a hidden temporary file beside ``path`` (created like any new file,
+    under the umask), then rename it into place; nothing half-written is ever at ``path``."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    try:
+        with open(tmp, "xb"):
+            pass
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _dumps(row: dict[str, Any]) -> str:
@@ -119,16 +135,7 @@ class ResultsFile:
             self.rows = rows
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(_dumps(header) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(self.path, lambda tmp: tmp.write_text(_dumps(header) + "\n", encoding="utf-8"))
             self.header = header
             self.rows = []
         self.index = {(r.get("split"), r.get("order")): r for r in self.rows}
