@@ -60,9 +60,15 @@ def fixed_text(model: str, n_tokens: int) -> tuple[str, int]:
 
 def run_interleaved(model: str, text: str, n_tokens: int, stride: int, threads: int) -> dict[str, Any]:
     """Score the sweep naive and cached, one order of each in turn (machine noise hits both alike)."""
+    from frankenllama.scanning import run as scan_run
+
+    with scan_run._quiet_llama_log():
+        return _interleaved(scan_run, model, text, n_tokens, stride, threads)
+
+
+def _interleaved(scan_run: Any, model: str, text: str, n_tokens: int, stride: int, threads: int) -> dict[str, Any]:
     import numpy as np
 
-    from frankenllama.scanning import run as scan_run
     from frankenllama.scanning.engine import Evaluator, prepare_llama
     from frankenllama.scanning.inputs import build_dataset
     from frankenllama.scanning.sweeps import rys_configs

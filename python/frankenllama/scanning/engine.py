@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,18 +55,21 @@ class Scores:
 
 
 def _log_softmax_stats(logits: np.ndarray, base_probs: np.ndarray | None, targets: np.ndarray,
-                       rows: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """log p(target) per row, and sum_v base_p[v] * log p[v] per row (0 without base), in float64."""
+                       rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """log p(target) per row, and sum_v base_p[v] * log p[v] per row (0 without base).
+
+    Sums are accumulated in float64 (the exponentials are float32: relative error ~1e-7 per term);
+    equal logits give bit-equal results, so the base order's KL from itself is exactly 0."""
     n = logits.shape[0]
     logp_target = np.empty(n)
     cross = np.zeros(n)
     for r0 in range(0, n, rows):
-        block = logits[r0:r0 + rows].astype(np.float64)
-        m = block.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(block - m).sum(axis=1)) + m[:, 0]
+        block = logits[r0:r0 + rows]
+        m = block.max(axis=1)
+        lse = np.log(np.exp(block - m[:, None]).sum(axis=1, dtype=np.float64)) + m
         logp_target[r0:r0 + rows] = block[np.arange(len(block)), targets[r0:r0 + rows]] - lse
         if base_probs is not None:
-            cross[r0:r0 + rows] = np.einsum("ij,ij->i", base_probs[r0:r0 + rows].astype(np.float64), block) - lse
+            cross[r0:r0 + rows] = np.einsum("ij,ij->i", base_probs[r0:r0 + rows], block, dtype=np.float64) - lse
     return logp_target, cross
 
 
@@ -191,7 +194,9 @@ class Evaluator:
         self._state_bytes = sum(bt.n for bt in self._batches) * self.n_embd * 4
         self._cache: dict[tuple[int, ...], list[np.ndarray]] = {}
         self._base_probs: list[np.ndarray] | None = None  # per bin: base probabilities of text outputs
-        self._text_rows: list[np.ndarray] = []
+        self._text_rows: list[tuple[int, int]] = []  # per bin: the text outputs' rows [start, stop)
+        self._collecting_base = False
+        self._base_cross: np.ndarray | None = None  # per text target: sum_v p_base log p_base
         self._text_targets: list[np.ndarray] = []
         self._text_index: list[np.ndarray] = []
         self._probe_rows: list[list[tuple[int, int, int]]] = []  # per bin: (probe seq index, row0, n)
@@ -217,7 +222,9 @@ class Evaluator:
                     self._probe_targets.append(np.asarray(s.targets, np.int64))
                     probe_index += 1
                 row += n
-            self._text_rows.append(np.asarray(text_rows, np.int64))
+            if text_rows != list(range(text_rows[0] if text_rows else 0, (text_rows[-1] + 1) if text_rows else 0)):
+                raise ScanError("internal: text outputs of a decode are not contiguous")
+            self._text_rows.append((text_rows[0], text_rows[-1] + 1) if text_rows else (0, 0))
             self._text_targets.append(np.asarray(targets, np.int64))
             self._text_index.append(np.asarray(index, np.int64))
             self._probe_rows.append(probes)
@@ -237,16 +244,16 @@ class Evaluator:
         except ValueError as err:
             raise ScanError(f"the model refuses the layer order {format_spec(order)}: {err}") from None
 
-    def _decode(self, k: int, order: Sequence[int], capture: Sequence[int]) -> tuple[list[np.ndarray],
-                                                                                      dict[int, list[np.ndarray]]]:
-        """Run ``order[k:]`` on every bin (from the cached state of ``order[:k]`` when k > 0);
-        returns each bin's output logits and the states after the positions in ``capture``."""
+    def _decode(self, k: int, order: Sequence[int], capture: Sequence[int],
+                on_bin: Callable[[int, np.ndarray], None]) -> dict[int, list[np.ndarray]]:
+        """Run ``order[k:]`` on every bin (from the cached state of ``order[:k]`` when k > 0), hand
+        each bin's output logits to ``on_bin`` (a view of llama.cpp's buffer, valid during the
+        call); returns the states after the positions in ``capture``."""
         ll = self.ll
         suffix = list(order[k:])
         self._set_order(suffix)
         ctx = self.llm._ctx.ctx
         states = self._cache[tuple(order[:k])] if k else None
-        logits: list[np.ndarray] = []
         captured: dict[int, list[np.ndarray]] = {p: [] for p in capture}
         for index, bt in enumerate(self._batches):
             ll.llama_memory_clear(ll.llama_get_memory(ctx), True)
@@ -266,49 +273,48 @@ class Evaluator:
                 raise ScanError(f"llama_decode failed ({rc}) for the order {format_spec(order)}")
             self.decodes += 1
             self.positions_run += len(suffix)
-            ptr = ll.llama_get_logits(ctx)
-            logits.append(np.ctypeslib.as_array(ptr, shape=(bt.n_out, self.n_vocab)).copy())
             for p in capture:
                 state = got.get(p - k)
                 if state is None or state.shape != (bt.n, self.n_embd):
                     raise ScanError(f"the graph has no output l_out-{p - k} of {bt.n} rows (got "
                                     f"{None if state is None else state.shape}): cannot cache prefixes")
                 captured[p].append(state)
+            on_bin(index, np.ctypeslib.as_array(ll.llama_get_logits(ctx), shape=(bt.n_out, self.n_vocab)))
         ll.llama_memory_clear(ll.llama_get_memory(ctx), True)
-        return logits, captured
+        return captured
 
-    def _scores(self, logits: list[np.ndarray]) -> Scores:
-        nll = np.zeros(self.dataset.n_text_targets)
-        kl = np.zeros(self.dataset.n_text_targets)
-        probe_lp = np.zeros(self._probe_count)
-        probe_n = np.zeros(self._probe_count, np.int64)
-        first = self._base_probs is None
-        base_probs: list[np.ndarray] = []
-        for index, out in enumerate(logits):
-            rows = self._text_rows[index]
-            text = out[rows]
-            targets = self._text_targets[index]
-            if first:
-                m = text.max(axis=1, keepdims=True).astype(np.float64)
-                p = np.exp(text.astype(np.float64) - m)
-                p /= p.sum(axis=1, keepdims=True)
-                base_probs.append(p.astype(np.float32))
-                ref = base_probs[-1]
-            else:
-                assert self._base_probs is not None
-                ref = self._base_probs[index]
-            logp_target, cross = _log_softmax_stats(text, ref, targets)
-            nll[self._text_index[index]] = -logp_target
-            kl[self._text_index[index]] = cross  # minus the base's own cross term below
-            for probe, row0, n in self._probe_rows[index]:
-                lp, _ = _log_softmax_stats(out[row0:row0 + n], None, self._probe_targets[probe])
-                probe_lp[probe] = lp.sum()
-                probe_n[probe] = n
-        if first:
-            self._base_probs = base_probs
-            self._base_cross = kl.copy()
-        kl = self._base_cross - kl
-        return Scores(nll, kl, probe_lp, probe_n)
+    def _score_bin(self, acc: Scores, index: int, out: np.ndarray) -> None:
+        """Add one bin's logits to ``acc`` (the base order's first: it keeps its probabilities)."""
+        r0, r1 = self._text_rows[index]
+        text = out[r0:r1]
+        targets = self._text_targets[index]
+        if self._collecting_base:
+            assert self._base_probs is not None and len(self._base_probs) == index
+            m = text.max(axis=1, keepdims=True).astype(np.float64)
+            p = np.exp(text.astype(np.float64) - m)
+            p /= p.sum(axis=1, keepdims=True)
+            self._base_probs.append(p.astype(np.float32))
+        assert self._base_probs is not None
+        logp_target, cross = _log_softmax_stats(text, self._base_probs[index], targets)
+        acc.nll[self._text_index[index]] = -logp_target
+        acc.kl[self._text_index[index]] = cross  # becomes the KL in _finish
+        for probe, row0, n in self._probe_rows[index]:
+            lp, _ = _log_softmax_stats(out[row0:row0 + n], None, self._probe_targets[probe])
+            acc.probe_logprob[probe] = lp.sum()
+            acc.probe_tokens[probe] = n
+
+    def _new_scores(self) -> Scores:
+        n = self.dataset.n_text_targets
+        return Scores(np.zeros(n), np.zeros(n), np.zeros(self._probe_count),
+                      np.zeros(self._probe_count, np.int64))
+
+    def _finish(self, acc: Scores) -> Scores:
+        """Turn the cross terms into KL divergences (the base order's own cross term minus them)."""
+        if self._collecting_base:
+            self._collecting_base = False
+            self._base_cross = acc.kl.copy()
+        acc.kl = self._base_cross - acc.kl
+        return acc
 
     # -- planning ---------------------------------------------------------------------------------
 
@@ -333,7 +339,7 @@ class Evaluator:
                     del self._cache[key]
 
     def _score_one(self, order: list[int], counts: dict[tuple[int, ...], int]) -> Scores:
-        first = self._base_probs is None
+        first = self._base_cross is None
         if first and order != self.base:
             raise ScanError("internal: the base order must be scored first")
         k = 0
@@ -357,25 +363,43 @@ class Evaluator:
                 check = len(order) // 2
                 if check >= 1 and check - 1 not in capture:
                     capture.append(check - 1)
-        logits, captured = self._decode(k, order, sorted(capture))
+        acc = self._new_scores()
+        kept: list[np.ndarray] = []
+        if first:
+            self._base_probs, self._collecting_base = [], True
+
+        def on_bin(index: int, out: np.ndarray) -> None:
+            if first and self.prefix_cache:
+                kept.append(out.copy())  # for the self-check
+            self._score_bin(acc, index, out)
+
+        captured = self._decode(k, order, sorted(capture), on_bin)
         for p, states in captured.items():
             self._cache[tuple(order[:p + 1])] = states
+        scores = self._finish(acc)
         if first and self.prefix_cache:
-            self._self_check(order, logits)
-        return self._scores(logits)
+            self._self_check(order, kept)
+        return scores
 
     def _self_check(self, order: list[int], logits: list[np.ndarray]) -> None:
         """Run the second half of the base order from the cached state; it must give the same logits."""
         check = len(order) // 2
         if check < 1:
             return
-        again, _ = self._decode(check, order, [])
-        worst = max(float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(again, logits))
-        if not all(np.array_equal(a, b) for a, b in zip(again, logits)):
+        worst = [0.0]
+        same = [True]
+
+        def compare(index: int, out: np.ndarray) -> None:
+            if not np.array_equal(out, logits[index]):
+                same[0] = False
+                worst[0] = max(worst[0], float(np.max(np.abs(out - logits[index]))))
+
+        self._decode(check, order, [], compare)
+        if not same[0]:
             self.prefix_cache = False
             self._cache.clear()
             self.prefix_note = (f"off: resuming {format_spec(order[check:])} from the cached state after "
-                                f"position {check - 1} changed the logits (max |diff| {worst:.3g}); naive "
+                                f"position {check - 1} changed the logits (max |diff| {worst[0]:.3g}); naive "
                                 "recompute")
         else:
             self.prefix_note = (f"on (checked: {format_spec(order[check:])} from the state after position "

@@ -1,12 +1,14 @@
 """``frankenllama.scan``: score many layer orders of one loaded model, resumably, into a JSONL file."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -176,6 +178,29 @@ def scan(model: str | Path, sweep: str | SweepSpec = "rys", *, out: str | Path, 
     check_compatible(out, header)  # before loading anything
     kv = read_model_stats(model_path).kv_bytes_per_layer
 
+    with _quiet_llama_log():
+        return _scan_loaded(model_path, spec, header, out, text_str, items, n_layer, base, kv, n_ctx, n_threads,
+                            validate, rank, prefix_cache, cache_bytes, progress, plots, on_row, started)
+
+
+@contextlib.contextmanager
+def _quiet_llama_log() -> Iterator[None]:
+    """Keep llama.cpp's per-context notices (one per re-order) off stderr during a scan; errors
+    still reach the exceptions (they are captured per call)."""
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(max(level, logging.CRITICAL + 1))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _scan_loaded(model_path: Path, spec: SweepSpec, header: dict[str, Any], out: str | Path, text_str: str,
+                 items: list[ProbeItem], n_layer: int, base: list[int], kv: list[int], n_ctx: int,
+                 n_threads: int | None, validate: int, rank: str, prefix_cache: bool, cache_bytes: int,
+                 progress: bool, plots: bool, on_row: Callable[[dict[str, Any]], None] | None,
+                 started: float) -> ScanSummary:
     llm = _load(model_path, n_ctx, n_threads)
     evaluators: list[Evaluator] = []
     bar = None
@@ -204,6 +229,8 @@ def scan(model: str | Path, sweep: str | SweepSpec = "rys", *, out: str | Path, 
         def run_round(ev: Evaluator, split: str, configs: Sequence[Config], base_scores: list[Scores]) -> None:
             todo: list[Config] = []
             seen: set[str] = set()
+            if not base_scores:
+                seen.add(format_spec(base))  # scored first anyway
             for c in configs:
                 if c.spec in seen:
                     continue
