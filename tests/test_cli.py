@@ -329,6 +329,8 @@ def test_demo_orders_are_the_scan_s_least_kl(smollm2_path):
     for name in ("self_merge", "pruned"):
         assert derived[name]["order"] == stored[name]["order"], name
         assert derived[name]["kl"] == pytest.approx(stored[name]["kl"], rel=1e-3)
+        # a clear winner: rounding differences between machines cannot swap it with the runner-up
+        assert stored[name]["runner_up"]["kl"] > stored[name]["kl"] * 1.01
     assert derived["self_merge"]["candidates"] == 16 and derived["pruned"]["candidates"] == 26
     assert derived["pruned"]["kl"] > 0 and derived["self_merge"]["kl"] > 0
 

@@ -54,9 +54,9 @@ def derive(model: str | Path, *, n_threads: int | None = None, progress: bool = 
                            "text_sha256": sha256_text(demo_text()), "n_ctx": N_CTX}
     for name, group in groups.items():
         rows = [by_order[format_spec(o)] for o in group]
-        best = min(rows, key=lambda r: (r["kl"], r["order"]))
+        best, second = sorted(rows, key=lambda r: (r["kl"], r["order"]))[:2]
         out[name] = {"order": best["order"], "positions": best["positions"], "kl": best["kl"], "ppl": best["ppl"],
-                     "candidates": len(rows)}
+                     "candidates": len(rows), "runner_up": {"order": second["order"], "kl": second["kl"]}}
     return out
 
 
