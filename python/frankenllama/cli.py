@@ -421,8 +421,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"model:  {model.name} ({n_layer} layers)\nprompt: {args.prompt!r}\n")
     rows: list[tuple[str, list[int], Generated]] = []
     found = _demo_orders()
-    print(f"(the self-merge and the pruned order are the ones with the least KL divergence from the "
-          f"original among their candidates, found by frankenllama scan)\n")
+    print("(self-merge and pruned: of their candidates, the least KL divergence from the original, "
+          "found by frankenllama scan)\n")
     for label, spec in found:
         order = list(range(n_layer)) if spec is None else resolve(spec, n_layer)
         llm = _load(model, None if spec is None else order, n_ctx=256, n_threads=args.threads,
