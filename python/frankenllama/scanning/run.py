@@ -306,7 +306,6 @@ def _lookup(results: ResultsFile, split: str) -> Callable[[Sequence[int]], dict[
 
 def _load(model: Path, n_ctx: int, n_threads: int | None) -> Any:
     """The model, loaded once; llama-cpp-python's own batch stays small (the scan decodes itself)."""
-    import contextlib
     import io
 
     from ..llama import Llama
@@ -314,11 +313,15 @@ def _load(model: Path, n_ctx: int, n_threads: int | None) -> Any:
     kwargs: dict[str, Any] = {"n_ctx": n_ctx, "n_batch": 8, "n_ubatch": 8, "verbose": False}
     if n_threads is not None:
         kwargs.update(n_threads=n_threads, n_threads_batch=n_threads)
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level  # llama_cpp.Llama sets it (verbose=False: ERROR); keep the caller's
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             return Llama(str(model), **kwargs)
     except ValueError as err:
         raise ScanError(f"cannot load {model}: {err}") from None
+    finally:
+        logger.setLevel(level)
 
 
 def _check_orders_supported(llm: Any, base: Sequence[int]) -> None:
