@@ -246,6 +246,47 @@ def test_chain_order_and_pareto_front():
     assert 1.0 <= lo < 4.0 < hi <= 10.0
 
 
+def test_probe_log_probabilities_match_an_independent_computation(tiny6, tmp_path):
+    """Each probe sequence's answer log-probability equals the one computed from llama_cpp's own
+    logits, also when first-fit packing puts a later sequence into an earlier decode."""
+    from frankenllama.scanning.engine import Evaluator, prepare_llama
+    from frankenllama.scanning.run import _load, _tokenizer
+
+    items = [inputs.ProbeItem(1, "x" * 50, answer=" long"),       # (byte tokens) nearly a decode of its own
+             inputs.ProbeItem(2, "y" * 20, choices=(" ab", " c")),
+             inputs.ProbeItem(3, "z", answer="!")]                 # short: packed into an earlier decode
+    llm = _load(Path(tiny6), 64, 1)
+    try:
+        tokenize = _tokenizer(llm)
+        dataset = inputs.build_dataset("search", tokenize(TEXT[:200], True), items, tokenize, 64)
+        packed = [s.index for b in dataset.bins for s in b.seqs if s.kind == "probe"]
+        assert packed != sorted(packed)  # the case this test is about
+        prepare_llama(llm, 64, dataset.n_seqs_max)
+        ev = Evaluator(llm, dataset, list(range(N_TINY)))
+        (_, scores), = ev.score_many([list(range(N_TINY))])
+        ev.close()
+    finally:
+        llm.close()
+    ref = load(tiny6, n_ctx=64, logits_all=True)
+    try:
+        expected, lengths = [], []
+        for item in items:
+            prompt = ref.tokenize(item.prompt.encode(), add_bos=True, special=False)
+            for cont in item.continuations:
+                answer = ref.tokenize(cont.encode(), add_bos=False, special=False)
+                tokens = prompt + answer
+                ref.reset()
+                ref.eval(tokens)
+                nll = token_nll(np.array(ref.scores[: len(tokens)]), tokens)
+                expected.append(-nll[len(prompt) - 1:].sum())
+                lengths.append(len(answer))
+    finally:
+        ref.close()
+    assert scores.probe_logprob == pytest.approx(np.array(expected), abs=1e-4)
+    assert scores.probe_tokens.tolist() == lengths
+    assert len(set(np.round(expected, 3))) == len(expected)  # distinct values: a mix-up would show
+
+
 def test_text_chunks_predict_every_token_once():
     tokens = list(range(100, 230))
     seqs = inputs.text_chunks(tokens, 50)

@@ -207,7 +207,7 @@ class Evaluator:
         self.positions_run = 0    # execution positions run so far, summed over decodes
 
     def _layout(self) -> None:
-        probe_index = 0
+        targets_by_index: dict[int, np.ndarray] = {}
         for b in self.dataset.bins:
             row = 0
             text_rows, targets, index, probes = [], [], [], []
@@ -217,10 +217,9 @@ class Evaluator:
                     text_rows.extend(range(row, row + n))
                     targets.extend(s.targets)
                     index.extend(range(s.item, s.item + n))
-                else:
-                    probes.append((probe_index, row, n))
-                    self._probe_targets.append(np.asarray(s.targets, np.int64))
-                    probe_index += 1
+                else:  # packing may put a later sequence in an earlier decode: index by s.index
+                    probes.append((s.index, row, n))
+                    targets_by_index[s.index] = np.asarray(s.targets, np.int64)
                 row += n
             if text_rows != list(range(text_rows[0] if text_rows else 0, (text_rows[-1] + 1) if text_rows else 0)):
                 raise ScanError("internal: text outputs of a decode are not contiguous")
@@ -228,7 +227,10 @@ class Evaluator:
             self._text_targets.append(np.asarray(targets, np.int64))
             self._text_index.append(np.asarray(index, np.int64))
             self._probe_rows.append(probes)
-        self._probe_count = probe_index
+        self._probe_count = len(targets_by_index)
+        if sorted(targets_by_index) != list(range(self._probe_count)):
+            raise ScanError("internal: probe sequences are not numbered 0..n-1")
+        self._probe_targets = [targets_by_index[k] for k in range(self._probe_count)]
 
     def close(self) -> None:
         for bt in self._batches:

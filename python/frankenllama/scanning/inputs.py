@@ -130,6 +130,7 @@ class Seq:
     kind: str                 # "text" or "probe"
     item: int                 # text: index of the first target in the text; probe: item index
     choice: int = 0           # probe: which continuation
+    index: int = 0            # probe: number of the sequence among all probe sequences (item, choice order)
 
 
 @dataclass
@@ -196,7 +197,7 @@ def probe_seqs(items: Sequence[ProbeItem], tokenize: Tokenize, n_ctx: int) -> li
                 raise ScanError(f"probe line {item.line}: {len(tokens)} tokens, more than the context "
                                 f"({n_ctx}); shorten it or raise n_ctx")
             start = len(prompt) - 1
-            seqs.append(Seq(tokens, list(range(start, len(tokens) - 1)), cont, "probe", index, choice))
+            seqs.append(Seq(tokens, list(range(start, len(tokens) - 1)), cont, "probe", index, choice, len(seqs)))
     return seqs
 
 
