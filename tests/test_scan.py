@@ -407,6 +407,9 @@ def test_bad_input_is_a_clear_error(tiny6, short_text, tmp_path, capsys):
         probes.write_text('{"prompt": "a", "answer": "b"}\n' + line + "\n")
         with pytest.raises(ScanError, match=f"p.jsonl:2: .*{message}"):
             _scan(tiny6, "rys", out, text=short_text, probes=probes)
+    probes.write_text('{"prompt": "a", "answer": "b"}\n')
+    with pytest.raises(ScanError, match="at least 2 probe items"):
+        _scan(tiny6, "rys", out, text=short_text, probes=probes, rank="probe", validate=1)
     assert not out.exists()  # nothing was written for refused input
     with pytest.raises(ScanError, match="tokenizes to nothing"):
         inputs.probe_seqs([inputs.ProbeItem(3, "q", answer="\u200b")], lambda s, bos: [1] if bos else [], 64)

@@ -484,7 +484,8 @@ def _print_top(path: Path, n: int, rank: str | None) -> None:
             line += f"  {r.get('probe_score', float('nan')):>7.3f}"
         if held:
             h = held.get(r["order"])
-            line += f"  {gain(h, rank):>+8.4f}" if h else f"  {'':>8}"
+            line += f"  {gain(h, rank):>+8.4f}" if h and (rank != "probe" or h.get("dprobe") is not None) \
+                else f"  {'':>8}"
         print(line + f"  {'*' if r['order'] in pareto else ' '}  {r['order']}")
     best = next((r["order"] for r in search if r["order"] != header["base_order"]), header["base_order"])
     print(f"(* on the Pareto front of extra positions vs gain.  Run an order with "

@@ -164,6 +164,8 @@ def scan(model: str | Path, sweep: str | SweepSpec = "rys", *, out: str | Path, 
         raise ScanError(f"unknown rank {rank!r}: use one of {', '.join(RANKS)}")
     if rank == "probe" and not items:
         raise ScanError("rank 'probe' needs probes (--probes FILE)")
+    if rank == "probe" and validate and len(items) < 2:
+        raise ScanError("--validate with rank 'probe' needs at least 2 probe items (every other one is held out)")
 
     header = {
         "model": model_identity(model_path),
