@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -95,6 +96,15 @@ def test_prefix_cached_scores_equal_naive_recompute(request, which, short_text, 
     assert cached.rows == naive.rows
     assert cached.positions_run < naive.positions_run
     assert len({r["ppl"] for r in cached.rows}) == len(cached.rows)  # the orders really differ
+
+
+def test_cache_budget_bounds_the_cached_states(tiny6, short_text, tmp_path):
+    """With no memory for cached states the scan recomputes prefixes (more positions), same rows."""
+    kw = dict(text=short_text, n_ctx=64)
+    roomy = _scan(tiny6, "prune", tmp_path / "a.jsonl", **kw)
+    tight = _scan(tiny6, "prune", tmp_path / "b.jsonl", cache_bytes=0, **kw)
+    assert roomy.rows == tight.rows
+    assert roomy.positions_run < tight.positions_run
 
 
 def test_unverified_architecture_falls_back_to_naive_recompute(tmp_path, short_text):
@@ -337,6 +347,13 @@ def test_prune_bar_chart_is_a_png(tiny6, short_text, tmp_path):
     for made in (tmp_path / "p.jsonl", tmp_path / "p.prune.png"):  # like any new file, not 0600
         assert made.stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
+
+
+def test_without_matplotlib_the_scan_says_so(tiny6, short_text, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    summary = _scan(tiny6, "prune", tmp_path / "p.jsonl", text=short_text, n_ctx=64, plots=True)
+    assert summary.plots == [] and "matplotlib is not installed" in summary.plot_note
+    assert len(summary.rows) == N_TINY + 1
 
 
 def test_cli_scan_and_top(tiny6, short_text, tmp_path, capsys):
