@@ -454,7 +454,7 @@ def _layer_range(text: str) -> tuple[int, int]:
 def _fmt_ci(ci: Sequence[float] | None, sign: float = 1.0) -> str:
     if not ci:
         return ""
-    lo, hi = sorted((sign * ci[0], sign * ci[1]))
+    lo, hi = sorted((sign * ci[0] + 0.0, sign * ci[1] + 0.0))
     return f"[{lo:+.3f},{hi:+.3f}]"
 
 

@@ -40,9 +40,9 @@ def gain(row: dict[str, Any], rank: str) -> float:
     ``ppl``: mean NLL saved per token (nats); ``kl``: minus the KL from the base; ``probe``: probe
     score over the base's."""
     if rank == "ppl":
-        return -float(row["dnll"])
+        return -float(row["dnll"]) + 0.0  # + 0.0: no -0.0
     if rank == "kl":
-        return -float(row["kl"])
+        return -float(row["kl"]) + 0.0
     if rank == "probe":
         if row.get("dprobe") is None:
             raise ValueError("rank 'probe' needs probe scores: the scan was run without probes")
