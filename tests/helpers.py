@@ -46,6 +46,15 @@ def eval_scores(llm: Llama, *chunks: bytes | Sequence[int], incremental: bool = 
     return scores_so_far(llm)
 
 
+def token_nll(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
+    """-log softmax(logits[t])[tokens[t + 1]] for every token after the first, in float64
+    (``logits[t]``: the logits after token ``t``)."""
+    x = np.asarray(logits[: len(tokens) - 1], dtype=np.float64)
+    m = x.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(x - m).sum(axis=1)) + m[:, 0]
+    return lse - x[np.arange(len(x)), np.asarray(tokens[1:])]
+
+
 def raw_logits(path: str | os.PathLike[str], seqs: Sequence[Sequence[int]], mode: str = "batch",
                **kw: Any) -> list[np.ndarray]:
     """Logits per sequence (``lowlevel.run``: ``mode`` "batch" or "incremental") of a ``RawModel``

@@ -15,6 +15,9 @@ import frankenllama
 from frankenllama import cli
 from frankenllama.gguf_info import read_gguf_info
 from frankenllama.gguf_tools import SOURCE_ORDER_KEY, tensor_bytes_per_layer
+from frankenllama.scanning import demo_orders
+from frankenllama.scanning.inputs import sha256_text
+from helpers import THREADS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -304,14 +307,32 @@ def test_demo_without_the_model_package(capsys, monkeypatch):
 
 
 def test_demo_runs_three_orders(capsys, smollm2_path):
+    found = demo_orders.stored()
     rc, out, err = _run(capsys, "demo", "-n", "2", "-t", "1")
     assert rc == 0, err
-    for header in ("== original: 0-29 (30 positions) ==", "== 1.5x self-merge: 0-29,8-22 (45 positions) ==",
-                   "== pruned: 0-19,25-29 (25 positions) =="):
+    for header in ("== original: 0-29 (30 positions) ==",
+                   f"== 1.5x self-merge: {found['self_merge']['order']} (45 positions) ==",
+                   f"== pruned: {found['pruned']['order']} (25 positions) =="):
         assert header in out
     table = out[out.index("order "):].splitlines()
     assert [row.split()[0] for row in table[1:]] == ["original", "1.5x", "pruned"]
     assert err.count("loading") == 3
+
+
+def test_demo_orders_are_the_scan_s_least_kl(smollm2_path):
+    """The demo's stored orders are what a scan finds again: of every RYS block of 15 layers and
+    every cut of 5 consecutive layers, the one with the least KL from the original order."""
+    stored = demo_orders.stored()
+    assert stored["model"] == Path(smollm2_path).name
+    assert stored["text_sha256"] == sha256_text(demo_orders.demo_text())
+    derived = demo_orders.derive(smollm2_path, n_threads=THREADS)
+    for name in ("self_merge", "pruned"):
+        assert derived[name]["order"] == stored[name]["order"], name
+        assert derived[name]["kl"] == pytest.approx(stored[name]["kl"], rel=1e-3)
+        # a clear winner: rounding differences between machines cannot swap it with the runner-up
+        assert stored[name]["runner_up"]["kl"] > stored[name]["kl"] * 1.01
+    assert derived["self_merge"]["candidates"] == 16 and derived["pruned"]["candidates"] == 26
+    assert derived["pruned"]["kl"] > 0 and derived["self_merge"]["kl"] > 0
 
 
 # --------------------------------------------------------------------------- errors

