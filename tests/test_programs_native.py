@@ -196,3 +196,15 @@ def test_fuzz_c_parser_agrees_with_python(tiny):
         llm._open_context()
         llm.close()
     assert not disagreements, disagreements[:10]
+
+
+def test_cli_order_and_run_show_programs(tiny, capsys):
+    from frankenllama.cli import main
+
+    assert main(["order", "-m", str(tiny.path), "--layer-order", "0-1,(2-3|3-2)"]) == 0
+    out = capsys.readouterr().out
+    assert "program:        0-3,3-2<1;3*0.5+5*0.5" in out and "order:          0-3,3-2" in out
+    assert main(["run", "-m", str(tiny.path), "--layer-order", "0-3@0.5", "-p", "hi", "-n", "2"]) == 0
+    assert "layer program 0-3@0.5, 4 positions" in capsys.readouterr().err
+    assert main(["materialize", str(tiny.path), "--layer-order", "0-3@0.5", "-o", "/tmp/never.gguf"]) == 2
+    assert "no GGUF file can express" in capsys.readouterr().err

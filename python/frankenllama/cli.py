@@ -20,7 +20,8 @@ from .gguf_info import GGUFInfo, check_header
 from .llama import GenerationInterruptedError, StateMismatchError
 from .model_stats import ModelStats, read_model_stats
 from .order import MAX_LAYERS, MAX_POSITIONS, format_spec, parse_spec
-from .recipes import drop, resolve, rewind, rys
+from .program import LayerProgram
+from .recipes import drop, resolve, resolve_program, rewind, rys
 
 PROG = "frankenllama"
 EXIT_USAGE = 2
@@ -153,15 +154,16 @@ def _int_pair(text: str, option: str, names: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _resolve_order(args: argparse.Namespace, n_layers: int) -> list[int] | None:
-    """The order the options ask for, validated against ``n_layers``; None if none was given."""
+def _resolve_order(args: argparse.Namespace, n_layers: int) -> list[int] | LayerProgram | None:
+    """The order (or layer program) the options ask for, validated against ``n_layers``; None if
+    none was given."""
     if args.layer_order is not None:
-        return resolve(args.layer_order, n_layers)
+        return _order_or_program(resolve_program(args.layer_order, n_layers))
     if args.recipe is not None:
         path = Path(args.recipe).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"recipe file not found: {path}")
-        return resolve(path, n_layers)
+        return _order_or_program(resolve_program(path, n_layers))
     if args.rewind is not None:
         compute, back = _int_pair(args.rewind, "--rewind", "COMPUTE,REWIND")
         return rewind(n_layers, compute, back)
@@ -173,9 +175,15 @@ def _resolve_order(args: argparse.Namespace, n_layers: int) -> list[int] | None:
     return None
 
 
-def _describe(order: Sequence[int] | None, n_layers: int) -> str:
+def _order_or_program(program: LayerProgram) -> list[int] | LayerProgram:
+    return list(program.order) if program.is_plain else program
+
+
+def _describe(order: Sequence[int] | LayerProgram | None, n_layers: int) -> str:
     if order is None:
         return f"original order, {n_layers} positions"
+    if isinstance(order, LayerProgram):
+        return f"layer program {order.spec}, {len(order.order)} positions"
     return f"order {format_spec(order)}, {len(order)} positions"
 
 
@@ -328,11 +336,14 @@ def cmd_order(args: argparse.Namespace) -> int:
     order = _resolve_order(args, n_layers)
     if order is None:
         raise ValueError("give an order: --layer-order, --recipe, --rewind, --rys or --drop")
+    program = order if isinstance(order, LayerProgram) else None
+    order = list(program.order) if program else order
 
     distinct = sorted(set(order))
     repeated = sorted({il for il in order if order.count(il) > 1})
     unused = sorted(set(range(n_layers)) - set(distinct))
-    out = [
+    out = [f"program:        {program.spec} (damped, branched or merged positions)"] if program else []
+    out += [
         f"order:          {format_spec(order)}",
         f"depth:          {len(order)} positions ({_ratio(len(order), n_layers)} of {n_layers} weight layers)",
         f"weight layers:  {len(distinct)} of {n_layers} used"
