@@ -208,3 +208,21 @@ def test_cli_order_and_run_show_programs(tiny, capsys):
     assert "layer program 0-3@0.5, 4 positions" in capsys.readouterr().err
     assert main(["materialize", str(tiny.path), "--layer-order", "0-3@0.5", "-o", "/tmp/never.gguf"]) == 2
     assert "no GGUF file can express" in capsys.readouterr().err
+
+
+def test_pickle_and_prompt_cache_follow_the_program(tiny):
+    import pickle
+
+    a = load(tiny.path, layer_order="0-2,2@0.5,3", n_ctx=64, logits_all=True)
+    b = load(tiny.path, layer_order="0-2,2@0.25,3", n_ctx=64)  # same positions and weights, other scale
+    try:
+        assert a._cache_namespace() != b._cache_namespace()
+        copy = pickle.loads(pickle.dumps(a))
+        try:
+            assert copy.layer_program == a.layer_program and copy.layer_program.spec == "0-2,2@0.5,3"
+            assert np.array_equal(eval_scores(copy, SEQS[0]), eval_scores(a, SEQS[0]))
+        finally:
+            copy.close()
+    finally:
+        a.close()
+        b.close()
