@@ -11,6 +11,7 @@
     rpc_child.py malformed MODEL
     rpc_child.py threads MODEL
     rpc_child.py down-at-first-use MODEL
+    rpc_child.py shared-server MODEL
 """
 from __future__ import annotations
 
@@ -290,11 +291,13 @@ class FakeServer(threading.Thread):
     half the requested size.  Anything else closes the connection."""
 
     HELLO, DEVICE_COUNT, ALLOC_BUFFER, GET_ALIGNMENT, GET_MAX_SIZE = 14, 15, 0, 1, 2
-    GET_DEVICE_MEMORY, GET_ALLOC_SIZE = 11, 13
+    GET_DEVICE_MEMORY, GET_ALLOC_SIZE, BUFFER_GET_BASE = 11, 13, 3
 
-    def __init__(self, device_count: int) -> None:
+    def __init__(self, device_count: int, *, alignment: int = 32, alloc_size: int = 0, base: int = 0x10000,
+                 short: bool = True) -> None:
         super().__init__(daemon=True)
         self.device_count = device_count
+        self.alignment, self.alloc_size, self.base, self.short = alignment, alloc_size, base, short
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
 
@@ -316,14 +319,16 @@ class FakeServer(threading.Thread):
         if cmd == self.GET_DEVICE_MEMORY:
             return struct.pack("<QQ", 2**30, 2**30)
         if cmd == self.GET_ALIGNMENT:
-            return struct.pack("<Q", 32)
+            return struct.pack("<Q", self.alignment)
         if cmd == self.GET_MAX_SIZE:
             return struct.pack("<Q", 2**40)
         if cmd == self.GET_ALLOC_SIZE:
-            return struct.pack("<Q", 0)  # the client never uses less than the tensor's size
+            return struct.pack("<Q", self.alloc_size)  # the client never uses less than the tensor's size
         if cmd == self.ALLOC_BUFFER:
             _, size = struct.unpack("<IQ", request)
-            return struct.pack("<QQ", 0x10000, size // 2)
+            return struct.pack("<QQ", 0x10000, size // 2 if self.short else size)
+        if cmd == self.BUFFER_GET_BASE:
+            return struct.pack("<Q", self.base)
         return None
 
     def run(self) -> None:
@@ -354,6 +359,12 @@ def malformed(model: str) -> dict:
     short.start()
     report["short_buffer"] = _outcome(lambda: Llama(model, n_ctx=64, rpc_servers=f"127.0.0.1:{short.port}",
                                                     n_gpu_layers=99, verbose=False))
+    for name, server in (("sixteen_devices", FakeServer(16)), ("alignment_3", FakeServer(1, alignment=3)),
+                         ("unaligned_base", FakeServer(1, short=False, base=0x10001)),
+                         ("huge_alloc_size", FakeServer(1, short=False, alloc_size=2**64 - 1))):
+        server.start()
+        report[name] = _outcome(lambda: Llama(model, n_ctx=64, rpc_servers=f"127.0.0.1:{server.port}",
+                                              n_gpu_layers=99, verbose=False)("Hi", max_tokens=2))
     llm = Llama(model, n_ctx=64, verbose=False)
     report["alive"] = len(llm.tokenize(b"still here")) > 0
     return report
@@ -388,6 +399,52 @@ def threads(model: str) -> dict:
     return {"mismatches": len(mismatches), "errors": errors, "server_alive": server_alive}
 
 
+def shared_server(model: str) -> dict:
+    """Models sharing one server: closing or re-ordering one must not break another mid-stream; a
+    state saved after the server died unnoticed is refused; a forked child neither uses nor waits
+    for the parent's connections."""
+    import os
+
+    server, port = start_rpc_server()
+    endpoint = f"127.0.0.1:{port}"
+    cpu = Llama(model, n_ctx=256, n_threads=1, verbose=False)
+    want = cpu("Tell me a story", max_tokens=12, temperature=0.0)["choices"][0]["text"]
+    cpu.close()
+    a = Llama(model, n_ctx=256, n_threads=1, rpc_servers=endpoint, n_gpu_layers=99, verbose=False)
+    b = Llama(model, n_ctx=256, n_threads=1, rpc_servers=endpoint, n_gpu_layers=99, verbose=False)
+    stream = a("Tell me a story", max_tokens=12, temperature=0.0, stream=True)
+    text = next(stream)["choices"][0]["text"]
+    b("Hi", max_tokens=2)
+    b.set_layer_order("0-29,8-9")  # frees b's context buffers on the server
+    b.close()                      # and its weights
+    report = {"a_after_b_closed": _outcome(lambda: [None for _ in ()]), "a_text_right": False}
+    try:
+        text += "".join(chunk["choices"][0]["text"] for chunk in stream)
+        report["a_text_right"] = text == want
+    except Exception as err:  # reported
+        report["a_after_b_closed"] = f"{type(err).__name__}: {err}"
+    a.eval(a.tokenize(b"Hello"))
+    pid = os.fork()
+    if pid == 0:  # the child: exits at once (its inherited model must not be freed through RPC)
+        os._exit(0 if _outcome(lambda: Llama(model, rpc_servers=endpoint, n_gpu_layers=99, verbose=False))
+                 .startswith("RuntimeError") else 3)
+    t0 = time.time()
+    while time.time() - t0 < 30:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        status = -1
+    report["fork_child_status"] = status
+    server.kill(); server.wait()
+    report["save_state_after_death"] = _outcome(a.save_state)
+    a.close()
+    return report
+
+
 def down_at_first_use(model: str) -> dict:
     """The server does not answer when a load first asks for its buffer type, then answers again:
     the next load works (the buffer type is not stuck with the zero alignment of a failed reply)."""
@@ -417,5 +474,6 @@ if __name__ == "__main__":
     result = {"offload": offload, "upload": upload, "unreachable": unreachable,
               "server-dies": server_dies, "hangs": hangs, "registrations": registrations,
               "exit-with-dead-server": exit_with_dead_server, "dead-and-stopped": dead_and_stopped,
-              "malformed": malformed, "threads": threads, "down-at-first-use": down_at_first_use}[mode](*args)
+              "malformed": malformed, "threads": threads, "down-at-first-use": down_at_first_use,
+              "shared-server": shared_server}[mode](*args)
     print(json.dumps(result))

@@ -377,6 +377,27 @@ def test_source_written_during_the_copy_is_refused(two_tunes, tmp_path, monkeypa
     assert _parts(tmp_path) == [] and not (tmp_path / "out.gguf").exists()
 
 
+def test_in_place_rewrite_keeping_size_and_mtime_is_refused(two_tunes, tmp_path, monkeypatch):
+    """`rsync --inplace -t` style: same size, mtime put back; the inode's ctime still tells."""
+    a, _, _ = two_tunes
+    src = tmp_path / "src.gguf"
+    src.write_bytes(a.read_bytes())
+    copy = gguf_tools._Output.copy
+
+    def copy_then_rewrite(self, *args):
+        copy(self, *args)
+        st = os.stat(src)
+        with open(src, "r+b") as f:
+            f.seek(st.st_size - 4)
+            f.write(b"\x00\x01\x02\x03")
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    monkeypatch.setattr(gguf_tools._Output, "copy", copy_then_rewrite)
+    with pytest.raises(ValueError, match="changed on disk"):
+        materialize(src, [0, 1], tmp_path / "out.gguf", progress=False)
+    assert _parts(tmp_path) == [] and not (tmp_path / "out.gguf").exists()
+
+
 def test_output_names_up_to_the_file_system_limit(two_tunes, tmp_path):
     """A 255-byte output name works (its temporary file gets a shortened name), and a stale
     temporary file of that name is cleaned up by the next write."""

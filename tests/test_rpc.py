@@ -154,6 +154,9 @@ def test_malformed_replies_are_errors_not_aborts(smollm2_path):
     rep = _report(_child("malformed", smollm2_path, timeout=120))
     assert rep["device_count"].startswith("ConnectionError"), rep
     assert rep["short_buffer"].startswith(("ValueError", "ConnectionError")), rep
+    assert rep["sixteen_devices"].startswith(("ValueError", "ConnectionError")), rep  # the scheduler's limit
+    for case in ("alignment_3", "unaligned_base", "huge_alloc_size"):
+        assert rep[case].startswith("ConnectionError") and "malformed reply" in rep[case], (case, rep)
     assert rep["alive"]
 
 
@@ -166,3 +169,10 @@ def test_server_down_at_first_use_then_back(smollm2_path):
     rep = _report(_child("down-at-first-use", smollm2_path, timeout=120))
     assert rep["down"].startswith(("ConnectionError", "ValueError")), rep
     assert "RPC0" in rep["devices"] and rep["identical"], rep
+
+
+def test_models_sharing_a_server(smollm2_path):
+    rep = _report(_child("shared-server", smollm2_path, timeout=200))
+    assert rep["a_after_b_closed"] == "ok" and rep["a_text_right"], rep  # the server forgets graphs on free
+    assert rep["fork_child_status"] == 0, rep
+    assert rep["save_state_after_death"].startswith("ConnectionError"), rep

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Sequence
 import gguf
 from tqdm import tqdm
 
-from .order import LayerOrderError, format_spec, parse_spec
+from .order import LayerOrderError, format_spec, parse_spec, validate_order
 from .recipes import ProgramRecipe, resolve_program
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -201,11 +201,11 @@ class _Header:
     alignment: int
     fields: dict[str, Field]
     tensors: list[Tensor]
-    identity: tuple[int, ...]  #: (device, inode, size, mtime) of the file that was read
+    identity: tuple[int, ...]  #: (device, inode, size, mtime, ctime) of the file that was read
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _read_fields(cur: _Cursor, n_kv: int) -> dict[str, Field]:
@@ -305,7 +305,10 @@ class ModelFile:
         n_layer = self.field(f"{arch}.block_count")
         if not isinstance(n_layer, int):
             raise ValueError(f"{self.path} has no {arch}.block_count")
-        if (self.field(f"{arch}.nextn_predict_layers") or 0) > 0:
+        nextn = self.field(f"{arch}.nextn_predict_layers")
+        if nextn is not None and (isinstance(nextn, (str, list, bool)) or not isinstance(nextn, int)):
+            raise ValueError(f"{self.path}: {arch}.nextn_predict_layers is not an integer")
+        if (nextn or 0) > 0:
             raise ValueError(f"{self.path}: models with nextn/MTP layers are not supported by the GGUF tools yet")
         self.n_layer = n_layer
         self.blocks: dict[int, list[Tensor]] = {}
@@ -327,7 +330,11 @@ class ModelFile:
         value = self.field(f"{self.arch}.layer_order")
         if value is None:
             return None
-        return parse_spec(value, self.n_layer) if isinstance(value, str) else [int(v) for v in value]
+        if isinstance(value, str):
+            return parse_spec(value, self.n_layer)
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{self.path}: {self.arch}.layer_order is neither a spec string nor an integer array")
+        return validate_order(value, self.n_layer)
 
     def stored(self, key: str) -> tuple[gguf.GGUFValueType, bytes] | None:
         """The type and stored bytes of the value of ``key`` (compared without decoding), or None."""
@@ -348,7 +355,10 @@ class ModelFile:
         key = f"{self.arch}.attention.sliding_window_pattern"
         field = self.fields.get(key)
         if field is not None and field.type == _VT.ARRAY:
-            return [bool(v) for v in field.contents()]
+            flags = [bool(v) for v in field.contents()]
+            if len(flags) != self.n_layer:
+                raise ValueError(f"{self.path}: {key} has {len(flags)} entries for {self.n_layer} blocks")
+            return flags
         if self.arch not in SWA_PERIODS or not self.field(f"{self.arch}.attention.sliding_window"):
             return None
         period, dense_first = SWA_PERIODS[self.arch]

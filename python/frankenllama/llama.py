@@ -93,6 +93,22 @@ def _close_models_at_exit() -> None:
         _native.log_to_stderr()
 
 
+def _forget_models_in_forked_child() -> None:
+    """A forked child inherits the parent's models but not llama.cpp's threads (ggml-rpc's
+    connection threads): freeing them, at its exit or when collected, could wait forever.  In the
+    child they are closed without freeing anything native (that memory stays the parent's)."""
+    for llm in list(_open_models):
+        for owner in (llm, getattr(llm, "_model", None), getattr(llm, "_ctx", None), getattr(llm, "_batch", None)):
+            for name in ("_stack", "_exit_stack"):
+                if hasattr(owner, name):
+                    setattr(owner, name, contextlib.ExitStack())
+        llm._model = None  # every later call raises "closed" (_check_open)
+    _open_models.clear()
+
+
+os.register_at_fork(after_in_child=_forget_models_in_forked_child)
+
+
 class Llama(llama_cpp.Llama):
     """A ``llama_cpp.Llama`` whose decoder blocks run in ``layer_order``.
 
@@ -498,6 +514,7 @@ class Llama(llama_cpp.Llama):
             self._check_open()
             self._check_rpc("saving the state")  # a dead server's buffers would be saved as zeros
             state = super().save_state()
+            self._check_rpc("saving the state")  # and one that died unnoticed shows now
             state.frankenllama_model = self._model_identity
             return state
 

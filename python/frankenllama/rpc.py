@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,10 +55,14 @@ struct ggml_backend_dev_props {
 void               ggml_backend_dev_get_props(ggml_backend_dev_t device, struct ggml_backend_dev_props * props);
 """
 
+#: devices a model can use besides the CPU (GGML_SCHED_MAX_BACKENDS is 16)
+_MAX_DEVICES = 15
 #: enum ggml_backend_dev_type (ggml-backend.h)
 _DEVICE_GPU, _DEVICE_IGPU = 1, 2
 
-_ENDPOINT = re.compile(r"([A-Za-z0-9.\-]+):(\d{1,5})")
+_ENDPOINT = re.compile(r"([A-Za-z0-9.\-]+):([0-9]{1,5})", re.ASCII)
+_lock = threading.Lock()  # registrations: check and register at once
+_pid = os.getpid()  # ggml-rpc's connections (and their threads) belong to this process
 _registered: dict[str, list[str]] = {}  # endpoint -> device names
 _addresses: dict[tuple[str, int], str] = {}  # (IPv4 address, port) -> the endpoint registered for it
 
@@ -75,9 +80,12 @@ def _address(endpoint: str) -> tuple[str, int]:
     if not 1 <= port <= 65535:
         raise ValueError(f"RPC server {endpoint!r}: port {port} is not in 1-65535")
     try:
-        return socket.gethostbyname(host), port
-    except OSError as err:
+        address = socket.gethostbyname(host)
+    except (OSError, UnicodeError) as err:
         raise ConnectionError(f"RPC server {endpoint}: cannot resolve {host!r} ({err})") from None
+    if address == "0.0.0.0" or address.startswith("127."):
+        address = "127.0.0.1"  # this machine, however it is named
+    return address, port
 
 
 def _rpc_function(name: str, signature: str) -> Any:
@@ -109,31 +117,45 @@ def add_rpc_servers(endpoints: Sequence[str] | str, *, timeout: float | None = N
     if isinstance(endpoints, str):
         endpoints = [endpoints]
     if timeout is not None:
-        if not timeout >= 0:
+        if not 0 <= timeout < float("inf"):
             raise ValueError(f"rpc_timeout must be >= 0 seconds (0: wait forever), not {timeout}")
         os.environ["GGML_RPC_TIMEOUT"] = str(max(1, round(timeout)) if timeout else 0)
     ffi, lib = _ggml()
     add_server = _rpc_function("ggml_backend_rpc_add_server", "ggml_backend_reg_t (*)(const char *)")
     devices: list[str] = []
-    for endpoint in endpoints:
-        if not isinstance(endpoint, str):
-            raise TypeError(f"an RPC server is a 'host:port' string, not {type(endpoint).__name__}")
-        address = _address(endpoint)
-        known = _addresses.get(address)
-        if known is not None and known != endpoint:
-            raise ValueError(f"RPC server {endpoint} is {known}, registered already: name it {known}")
-        if endpoint not in _registered:
-            server = add_server(endpoint.encode())
-            if server == ffi.NULL:
-                raise ConnectionError(f"RPC server {endpoint} does not answer; start one there with "
-                                      "`frankenllama-rpc-server -H HOST -p PORT` (a server serves one client "
-                                      "at a time: is another process using it?)")
-            lib.ggml_backend_register(server)
-            _registered[endpoint] = [ffi.string(lib.ggml_backend_dev_name(lib.ggml_backend_reg_dev_get(server, i))).decode()
-                                     for i in range(lib.ggml_backend_reg_dev_count(server))]
-            _addresses[address] = endpoint
-        devices += _registered[endpoint]
+    with _lock:
+        _check_same_process()
+        for endpoint in endpoints:
+            devices += _register(endpoint, ffi, lib, add_server)
     return devices
+
+
+def _check_same_process() -> None:
+    if _registered and os.getpid() != _pid:
+        raise RuntimeError("RPC servers were registered in the parent of this forked process; their "
+                           "connections do not survive a fork: use RPC servers only in the process that "
+                           "registered them (or start this one with the spawn method)")
+
+
+def _register(endpoint: str, ffi: Any, lib: Any, add_server: Any) -> list[str]:
+    """Register one endpoint (under the lock); its device names."""
+    if not isinstance(endpoint, str):
+        raise TypeError(f"an RPC server is a 'host:port' string, not {type(endpoint).__name__}")
+    address = _address(endpoint)
+    known = _addresses.get(address)
+    if known is not None and known != endpoint:
+        raise ValueError(f"RPC server {endpoint} is {known}, registered already: name it {known}")
+    if endpoint not in _registered:
+        server = add_server(endpoint.encode())
+        if server == ffi.NULL:
+            raise ConnectionError(f"RPC server {endpoint} does not answer; start one there with "
+                                  "`frankenllama-rpc-server -H HOST -p PORT` (a server serves one client "
+                                  "at a time: is another process using it?)")
+        lib.ggml_backend_register(server)
+        _registered[endpoint] = [ffi.string(lib.ggml_backend_dev_name(lib.ggml_backend_reg_dev_get(server, i))).decode()
+                                 for i in range(lib.ggml_backend_reg_dev_count(server))]
+        _addresses[address] = endpoint
+    return _registered[endpoint]
 
 
 def registered() -> list[str]:
@@ -187,6 +209,8 @@ def load_devices(endpoints: Sequence[str] | None, n_gpu_layers: int) -> tuple[li
     """
     if not _registered:
         return None, []
+    if n_gpu_layers != 0:
+        _check_same_process()
     rpc_devices: list[str] = []
     used: list[str] = []
     if n_gpu_layers != 0:
@@ -221,6 +245,9 @@ def load_devices(endpoints: Sequence[str] | None, n_gpu_layers: int) -> tuple[li
             if not igpus or lib.ggml_backend_dev_backend_reg(dev) == lib.ggml_backend_dev_backend_reg(igpus[-1]):
                 igpus.append(dev)
     devices = chosen + gpus + (igpus if not gpus else [])
+    if len(devices) > _MAX_DEVICES:
+        raise ValueError(f"{len(devices)} devices ({len(chosen)} on RPC servers): llama.cpp's scheduler takes "
+                         f"{_MAX_DEVICES} besides the CPU; name fewer servers with rpc_servers=")
     return [int(ffi.cast("uintptr_t", dev)) for dev in devices], used
 
 
