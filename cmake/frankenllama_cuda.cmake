@@ -100,7 +100,7 @@ macro(frankenllama_cuda_prepare)
                 "frankenllama: no GPU is visible on this machine, so the CUDA architectures can't be "
                 "`native`: name the GPUs' compute capabilities, e.g. -DCMAKE_CUDA_ARCHITECTURES=86 "
                 "(RTX 30xx, A10), 89 (RTX 40xx, L4), 80 (A100), 90 (H100/H200), 120 (RTX 50xx); "
-                "several: \"86;89\". Each one adds about 15 minutes of compile time on 2 cores.")
+                "several: \"86;89\". Each one adds 15 to 40 minutes of compile time on 2 cores.")
         endif()
         message(STATUS "frankenllama: CUDA architectures of this machine's GPUs: ${_fl_gpus}")
     endif()

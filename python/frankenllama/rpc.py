@@ -28,7 +28,8 @@ from typing import Any, Sequence
 
 import cffi
 
-from ._native import load_cuda_runtime, native_library_dir, open_native_library
+from . import _native
+from ._native import native_library_dir, open_native_library
 
 _CDEF = """
 typedef struct ggml_backend_reg * ggml_backend_reg_t;
@@ -144,9 +145,9 @@ def rpc_server_path() -> Path:
 def server_main() -> None:
     """Console script ``frankenllama-rpc-server``: run llama.cpp's rpc-server with the given arguments."""
     path = rpc_server_path()
-    # a CUDA build whose runtime libraries only a preload reaches (see _native.load_cuda_runtime):
-    # the program gets the same folder through the loader's path
-    cuda_dir = load_cuda_runtime()
-    if cuda_dir is not None:
-        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(cuda_dir), os.environ.get("LD_LIBRARY_PATH")]))
+    # a CUDA build whose runtime libraries only frankenllama's preload reached at import (see
+    # _native.load_cuda_runtime): the program gets the same folder through the loader's path
+    folders = dict.fromkeys(str(Path(p).parent) for p in _native.cuda_runtime_preloaded)
+    if folders:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([*folders, *filter(None, [os.environ.get("LD_LIBRARY_PATH")])])
     os.execv(path, [str(path), *sys.argv[1:]])
