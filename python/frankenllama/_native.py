@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import sys
@@ -67,6 +68,73 @@ def native_library_path() -> Path:
     return native_library_file("llama")
 
 
+#: written by a CUDA build next to its libraries (cmake/cuda_runtime.json.in): the CUDA runtime
+#: libraries libggml-cuda needs, and where NVIDIA's wheels install them in site-packages
+CUDA_RUNTIME_FILE = "cuda_runtime.json"
+
+#: the CUDA runtime libraries :func:`load_cuda_runtime` preloaded from NVIDIA's wheels ([]: none
+#: needed, libggml-cuda's RUNPATH reached them, or this build has no CUDA)
+cuda_runtime_preloaded: list[str] = []
+
+
+def cuda_runtime_info() -> dict[str, Any] | None:
+    """What the packaged CUDA backend needs at run time; None for a build without CUDA."""
+    lib_dir = native_library_dir()
+    if not native_library_file("ggml-cuda").is_file():
+        return None
+    info_file = lib_dir / CUDA_RUNTIME_FILE
+    return json.loads(info_file.read_text()) if info_file.is_file() else {}
+
+
+def _cuda_wheel_dir(info: dict[str, Any]) -> Path | None:
+    """The first ``site-packages/nvidia/cuNN/lib`` on sys.path holding every library in ``info``."""
+    if not info.get("wheel_lib_dir"):
+        return None
+    for entry in sys.path:
+        folder = Path(entry or ".") / info["wheel_lib_dir"]
+        if all((folder / name).is_file() for name in info.get("libraries", ())):
+            return folder.resolve()
+    return None
+
+
+def load_cuda_runtime() -> Path | None:
+    """Make sure a CUDA build's libggml-cuda can load; return the wheel folder preloaded from, if any.
+
+    A build without CUDA returns None at once and loads nothing.  Otherwise libggml-cuda is opened
+    as is first: its RUNPATH reaches NVIDIA's wheels installed beside frankenllama and a system
+    toolkit's folder.  Only if that fails are the runtime libraries preloaded (RTLD_GLOBAL) from the
+    first ``nvidia/cuNN/lib`` on sys.path (wheels in another site-packages: user site, a parent
+    environment, PYTHONPATH).  Raises ImportError saying what to install when they can't be found.
+    """
+    info = cuda_runtime_info()
+    if info is None:
+        return None
+    cuda_lib = native_library_file("ggml-cuda")
+    try:
+        ctypes.CDLL(str(cuda_lib))
+        return None
+    except OSError as err:
+        first_error = err
+    folder = _cuda_wheel_dir(info)
+    if folder is not None:
+        try:
+            for name in info["libraries"]:
+                ctypes.CDLL(str(folder / name), mode=ctypes.RTLD_GLOBAL)
+                cuda_runtime_preloaded.append(str(folder / name))
+            ctypes.CDLL(str(cuda_lib))
+            return folder
+        except OSError as err:
+            first_error = err
+    version = info.get("cuda_version", "?")
+    raise ImportError(
+        f"this frankenllama is a CUDA build (CUDA {version}) and {cuda_lib.name} can't load: "
+        f"{first_error}. Install the CUDA runtime libraries with `pip install "
+        f"\"frankenllama[cuda]\"` (NVIDIA's nvidia-cuda-runtime and nvidia-cublas wheels), or a CUDA "
+        f"{version.split('.')[0]} toolkit with cuBLAS whose library folder the loader finds "
+        "(ldconfig or LD_LIBRARY_PATH)."
+    )
+
+
 def _dlopen(path: Path | str, cdef: str) -> tuple[cffi.FFI, Any]:
     ffi = cffi.FFI()
     ffi.cdef(cdef)
@@ -111,6 +179,7 @@ def bind() -> None:
                 f"frankenllama's native library is missing ({native_library_path()}); "
                 "reinstall frankenllama with `pip install .` from its source folder."
             )
+        load_cuda_runtime()  # a CUDA build only; a CPU-only build loads nothing here
         os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
     import llama_cpp.llama_cpp as llama_cpp_module
 

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import cffi
 
+from . import _native
 from ._native import native_library_dir, open_native_library
 
 _CDEF = """
@@ -264,4 +265,9 @@ def rpc_server_path() -> Path:
 def server_main() -> None:
     """Console script ``frankenllama-rpc-server``: run llama.cpp's rpc-server with the given arguments."""
     path = rpc_server_path()
+    # a CUDA build whose runtime libraries only frankenllama's preload reached at import (see
+    # _native.load_cuda_runtime): the program gets the same folder through the loader's path
+    folders = dict.fromkeys(str(Path(p).parent) for p in _native.cuda_runtime_preloaded)
+    if folders:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([*folders, *filter(None, [os.environ.get("LD_LIBRARY_PATH")])])
     os.execv(path, [str(path), *sys.argv[1:]])
